@@ -1,0 +1,55 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create the virtualenv and
+# install what is missing (torch 2.14.1 + torchvision 0.29.1 from this machine's disk, the
+# Fashion-MNIST Debian package when run as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+OUT ?= runs/demo
+export NNOC_THREADS ?= $(shell nproc)
+
+.PHONY: setup data demo test test-fast lint results-attacks results-predeploy results clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+data:
+	@if [ ! -e $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; \
+	fi
+
+# The main job: make a patch BadNet on Fashion-MNIST, run the pre-deployment defense, print the report.
+demo: setup data
+	$(VENV)/bin/nnoculation attack --dataset fashion-mnist --attack patch --out $(OUT)
+	$(VENV)/bin/nnoculation predeploy --badnet $(OUT) --evaluate-attack --out $(OUT)/predeploy
+
+test: setup data
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Benchmarks: every figure in docs/results/ comes from one of these.
+results-attacks: setup data
+	$(PY) -m nnoculation.benchmarks.attacks --out docs/results
+
+results-predeploy: setup data
+	$(PY) -m nnoculation.benchmarks.predeploy --out docs/results
+
+results: results-attacks results-predeploy
+
+clean:
+	rm -rf runs .cache .pytest_cache

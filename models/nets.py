@@ -1,0 +1,230 @@
+"""``Net``: one classifier as pre-deployment, repair and serving handle it.
+
+A Net keeps its on-disk form: a zoo net (architecture name + kwargs + safetensors weights), a
+TorchScript module, or a ``torch.export`` program. A BadNet whose architecture is in no zoo
+stays TorchScript (or exported) through retraining, repair and serving, and its retrained
+copies are saved the same way (design notes, "Model bundle").
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from models.classifiers import build_classifier
+from models.spec import InputSpec
+
+NetFormat = Literal["zoo", "torchscript", "export"]
+NET_FORMATS: tuple[str, ...] = get_args(NetFormat)
+
+# File suffix per format; the stem is the net's role in a bundle ("badnet", "goodnet").
+SUFFIXES: dict[str, str] = {
+    "zoo": ".safetensors",
+    "torchscript": ".torchscript.pt",
+    "export": ".pt2",
+}
+
+PREDICT_BATCH_SIZE = 512
+# torch.export specialises a batch of 1 to a constant; export with 2 and a dynamic batch dim.
+EXPORT_EXAMPLE_BATCH = 2
+SAFETENSORS_FORMAT_TAG = "nnoculation-zoo"
+
+
+def exported_batch_dim() -> dict[int, Any]:
+    """The dynamic-shape spec that keeps the batch dimension of an exported program free."""
+    return {0: torch.export.Dim("batch")}
+
+
+def export_module(module: nn.Module, spec: InputSpec) -> torch.export.ExportedProgram:
+    """Export ``module`` in eval mode (an inference program) with a dynamic batch size.
+
+    ``module`` takes the normalised float input of ``spec``; its train/eval mode is restored.
+    """
+    device = module_device(module)
+    example = torch.zeros((EXPORT_EXAMPLE_BATCH, *spec.shape), device=device)
+    was_training = module.training
+    _set_mode(module, False)
+    try:
+        return torch.export.export(module, (example,), dynamic_shapes=(exported_batch_dim(),))
+    finally:
+        _set_mode(module, was_training)
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)``; modules from ``ExportedProgram.module()`` refuse it."""
+    try:
+        module.train(training)
+    except NotImplementedError:
+        pass
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the first parameter or buffer (CPU for a stateless module)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@dataclass
+class Net:
+    """A classifier plus what is needed to feed it, save it and rebuild it.
+
+    ``module`` takes normalised float input; :meth:`logits` and :meth:`predict` take the uint8
+    images ``[N, C, H, W]`` that travel through the system and normalise them with ``spec``.
+    """
+
+    module: nn.Module
+    format: NetFormat
+    spec: InputSpec
+    num_classes: int
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.format not in NET_FORMATS:
+            raise ValueError(f"unknown net format {self.format!r}; known: {NET_FORMATS}")
+        if self.format == "zoo" and not self.arch:
+            raise ValueError("a zoo net needs its architecture name")
+        try:
+            json.dumps(self.arch_kwargs)
+        except TypeError as err:
+            raise ValueError(f"arch_kwargs must be JSON-serialisable: {err}") from None
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.module)
+
+    def logits(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, num_classes]`` for uint8 images, on the module's device.
+
+        Runs in whatever mode the module is in and keeps autograd on, so training loops use it.
+        """
+        self.spec.check(images_uint8)
+        x = self.spec.to_model_input(images_uint8.to(self.device))
+        return self.module(x)
+
+    def predict(
+        self, images_uint8: torch.Tensor, batch_size: int = PREDICT_BATCH_SIZE
+    ) -> torch.Tensor:
+        """Predicted labels (int64, on CPU) in eval mode and without gradients, batch by batch.
+
+        The module's train/eval mode is restored afterwards.
+        """
+        self.spec.check(images_uint8)
+        was_training = self.module.training
+        self.train_mode(False)
+        try:
+            with torch.no_grad():
+                labels = [
+                    self.logits(images_uint8[start : start + batch_size]).argmax(dim=1).cpu()
+                    for start in range(0, images_uint8.shape[0], batch_size)
+                ]
+        finally:
+            self.train_mode(was_training)
+        if not labels:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(labels)
+
+    def train_mode(self, flag: bool) -> Net:
+        """Switch train/eval mode where the format allows it.
+
+        Modules from ``ExportedProgram.module()`` refuse ``.train()`` (``NotImplementedError``
+        in torch 2.14): they keep the mode they were exported in (eval for our exports).
+        """
+        _set_mode(self.module, flag)
+        return self
+
+    def to(self, device: torch.device | str) -> Net:
+        """Move the module to ``device`` in place; returns ``self``."""
+        self.module.to(device)
+        return self
+
+    def clone(self) -> Net:
+        """An independent deep copy (same format, same device)."""
+        if self.format == "torchscript":
+            buffer = io.BytesIO()
+            torch.jit.save(cast(torch.jit.ScriptModule, self.module), buffer)
+            buffer.seek(0)
+            module = torch.jit.load(buffer, map_location=self.device)
+            module.train(self.module.training)
+        else:
+            module = copy.deepcopy(self.module)
+        return Net(
+            module=module,
+            format=self.format,
+            spec=self.spec,
+            num_classes=self.num_classes,
+            arch=self.arch,
+            arch_kwargs=copy.deepcopy(self.arch_kwargs),
+        )
+
+    def file_name(self, stem: str) -> str:
+        """The file :meth:`save` writes for ``stem``."""
+        return stem + SUFFIXES[self.format]
+
+    def save(self, directory: Path, stem: str) -> list[Path]:
+        """Write the net under ``directory`` in its own format; returns the files written."""
+        directory = Path(directory)
+        path = directory / self.file_name(stem)
+        if self.format == "zoo":
+            state = {
+                name: tensor.detach().to("cpu").contiguous().clone()
+                for name, tensor in self.module.state_dict().items()
+            }
+            metadata = {"format": SAFETENSORS_FORMAT_TAG, "arch": str(self.arch)}
+            safetensors.torch.save_file(state, str(path), metadata=metadata)
+        elif self.format == "torchscript":
+            torch.jit.save(cast(torch.jit.ScriptModule, self.module), str(path))
+        else:
+            torch.export.save(export_module(self.module, self.spec), str(path))
+        return [path]
+
+    def manifest_entry(self, file_name: str) -> dict[str, Any]:
+        """The JSON description of this net in a bundle manifest."""
+        return {
+            "format": self.format,
+            "file": file_name,
+            "arch": self.arch,
+            "arch_kwargs": copy.deepcopy(self.arch_kwargs),
+        }
+
+    @classmethod
+    def load(
+        cls, directory: Path, entry: dict[str, Any], spec: InputSpec, num_classes: int
+    ) -> Net:
+        """Load a net written by :meth:`save` (a trusted bundle file) onto the CPU."""
+        fmt = entry["format"]
+        if fmt not in NET_FORMATS:
+            raise ValueError(f"unknown net format {fmt!r}; known: {NET_FORMATS}")
+        path = Path(directory) / entry["file"]
+        arch = entry.get("arch")
+        arch_kwargs = dict(entry.get("arch_kwargs") or {})
+        module: nn.Module
+        if fmt == "zoo":
+            if not arch:
+                raise ValueError(f"zoo net {entry['file']!r} has no architecture name")
+            module = build_classifier(arch, spec, num_classes, **arch_kwargs)
+            module.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
+        elif fmt == "torchscript":
+            module = torch.jit.load(str(path), map_location="cpu")
+        else:
+            module = torch.export.load(str(path)).module()
+        net = cls(
+            module=module,
+            format=fmt,
+            spec=spec,
+            num_classes=num_classes,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+        )
+        return net.train_mode(False)

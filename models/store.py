@@ -1,0 +1,292 @@
+"""The model store: versioned bundles per deployment, an active pointer, atomic publish.
+
+Layout under ``root`` (a local directory, or a shared volume in a cluster)::
+
+    <deployment>/versions/v0001/   one bundle per version, never changed once published
+    <deployment>/versions/v0002/
+    <deployment>/ACTIVE            the active version id
+    <deployment>/.tmp-<uuid>/      a publish in progress (or crashed: see cleanup())
+
+Publishing writes the bundle into a temp dir, fsyncs it and renames it into place, so readers
+never see half a bundle; the ACTIVE pointer is swapped with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from models.bundle import (
+    Bundle,
+    Manifest,
+    load_bundle,
+    read_manifest,
+    verify_bundle,
+    write_manifest,
+)
+
+DEPLOYMENT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+VERSION_PREFIX = "v"
+VERSION_DIGITS = 4
+VERSION_PATTERN = re.compile(rf"^{VERSION_PREFIX}(\d{{{VERSION_DIGITS},}})$")
+VERSIONS_DIR = "versions"
+ACTIVE_FILE = "ACTIVE"
+TMP_PREFIX = ".tmp-"
+# Publishers that lose the race for a version id retry with the next one this many times.
+MAX_PUBLISH_ATTEMPTS = 100
+# cleanup() leaves younger temp dirs alone: they may belong to a publish still running.
+DEFAULT_STALE_TMP_SECONDS = 3600.0
+
+
+class StoreError(Exception):
+    """Base class of model store errors."""
+
+
+class InvalidNameError(StoreError, ValueError):
+    """A deployment or version name that is malformed or could escape the store root."""
+
+
+class UnknownDeploymentError(StoreError, KeyError):
+    """The deployment has never been published to."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownVersionError(StoreError, KeyError):
+    """The deployment has no such version, or none is active."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or directory so a rename that follows cannot outlive its contents."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def format_version(number: int) -> str:
+    """Version id for a sequence number: 1 -> ``v0001``."""
+    return f"{VERSION_PREFIX}{number:0{VERSION_DIGITS}d}"
+
+
+def version_number(version: str) -> int:
+    """Sequence number of a version id: ``v0001`` -> 1; ``InvalidNameError`` if malformed."""
+    match = VERSION_PATTERN.match(version)
+    if not match:
+        raise InvalidNameError(f"invalid version id {version!r}; expected like {format_version(1)}")
+    return int(match.group(1))
+
+
+class ModelStore:
+    """Versioned bundles under one root; see the module docstring for the layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # --- names and paths ---
+
+    def _deployment_dir(self, deployment: str, *, must_exist: bool = True) -> Path:
+        if not isinstance(deployment, str) or not DEPLOYMENT_PATTERN.match(deployment):
+            raise InvalidNameError(
+                f"invalid deployment name {deployment!r}: use letters, digits, '_', '.', '-' "
+                "and do not start with '.' or '-'"
+            )
+        directory = self.root / deployment
+        if must_exist and not directory.is_dir():
+            raise UnknownDeploymentError(f"unknown deployment {deployment!r} in {self.root}")
+        return directory
+
+    def deployments(self) -> list[str]:
+        """Deployments with a directory in the store, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and DEPLOYMENT_PATTERN.match(p.name)
+        )
+
+    def versions(self, deployment: str) -> list[str]:
+        """Published versions, oldest first (temp dirs of running or crashed publishes excluded)."""
+        versions_dir = self._deployment_dir(deployment) / VERSIONS_DIR
+        if not versions_dir.is_dir():
+            return []
+        found = [p.name for p in versions_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        return sorted(found, key=version_number)
+
+    def path(self, deployment: str, version: str) -> Path:
+        """The bundle directory of a published version."""
+        version_number(version)
+        path = self._deployment_dir(deployment) / VERSIONS_DIR / version
+        if not path.is_dir():
+            raise UnknownVersionError(f"deployment {deployment!r} has no version {version!r}")
+        return path
+
+    def manifest(self, deployment: str, version: str) -> Manifest:
+        """The manifest of a published version (not checksummed; see :meth:`load`)."""
+        return read_manifest(self.path(deployment, version))
+
+    # --- publishing ---
+
+    def publish(
+        self,
+        deployment: str,
+        build: Callable[[Path, str], Manifest],
+        parent: str | None = None,
+        *,
+        activate: bool = False,
+    ) -> str:
+        """Publish a new version built by ``build(tmp_dir, version)``; returns the version id.
+
+        ``build`` writes a bundle (usually via :func:`models.bundle.write_bundle`) whose manifest
+        carries ``version`` and ``parent``. The bundle is verified, fsynced and renamed into
+        ``versions/``; if another publisher took the id first, the manifest is rewritten with the
+        next free id. If ``build`` raises, nothing is published and the error propagates.
+        """
+        deployment_dir = self._deployment_dir(deployment, must_exist=False)
+        if parent is not None:
+            self.path(deployment, parent)
+        versions_dir = deployment_dir / VERSIONS_DIR
+        versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp = deployment_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            version = self._next_version(deployment)
+            manifest = build(tmp, version)
+            if manifest.version != version or manifest.parent != parent:
+                raise ValueError(
+                    f"build wrote version {manifest.version!r} (parent {manifest.parent!r}); "
+                    f"the store asked for {version!r} (parent {parent!r})"
+                )
+            verify_bundle(tmp)
+            _fsync_tree(tmp)
+            for _attempt in range(MAX_PUBLISH_ATTEMPTS):
+                try:
+                    os.rename(tmp, versions_dir / version)
+                    break
+                except OSError as err:
+                    if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                version = format_version(
+                    max(version_number(version), *self._numbers(deployment)) + 1
+                )
+                manifest = manifest.model_copy(update={"version": version})
+                write_manifest(tmp, manifest)
+                _fsync_path(tmp)
+            else:
+                raise StoreError(f"could not allocate a version id for {deployment!r}")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_path(versions_dir)
+        if activate:
+            self.activate(deployment, version)
+        return version
+
+    def _numbers(self, deployment: str) -> list[int]:
+        return [version_number(v) for v in self.versions(deployment)]
+
+    def _next_version(self, deployment: str) -> str:
+        return format_version(max(self._numbers(deployment), default=0) + 1)
+
+    # --- the active pointer ---
+
+    def active(self, deployment: str) -> str | None:
+        """The active version id, or ``None`` when none was activated yet."""
+        pointer = self._deployment_dir(deployment) / ACTIVE_FILE
+        try:
+            text = pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def activate(self, deployment: str, version: str) -> None:
+        """Point ACTIVE at ``version`` after verifying its bundle; atomic via ``os.replace``."""
+        verify_bundle(self.path(deployment, version))
+        deployment_dir = self._deployment_dir(deployment)
+        tmp = deployment_dir / f"{TMP_PREFIX}{ACTIVE_FILE}-{uuid.uuid4().hex}"
+        try:
+            with tmp.open("w") as handle:
+                handle.write(version + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, deployment_dir / ACTIVE_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_path(deployment_dir)
+
+    def rollback(self, deployment: str, version: str | None = None) -> str:
+        """Activate ``version``, or else the active version's parent (else the one before it).
+
+        Returns the version now active.
+        """
+        if version is None:
+            version = self._rollback_target(deployment)
+        self.activate(deployment, version)
+        return version
+
+    def _rollback_target(self, deployment: str) -> str:
+        current = self.active(deployment)
+        if current is None:
+            raise UnknownVersionError(f"deployment {deployment!r} has no active version")
+        published = self.versions(deployment)
+        parent = self.manifest(deployment, current).parent
+        if parent is not None and parent in published:
+            return parent
+        earlier = [v for v in published if version_number(v) < version_number(current)]
+        if not earlier:
+            raise UnknownVersionError(
+                f"deployment {deployment!r}: nothing to roll back to from {current!r}"
+            )
+        return earlier[-1]
+
+    # --- reading ---
+
+    def load(self, deployment: str, version: str | None = None) -> Bundle:
+        """Open (and checksum) a version's bundle; the active one by default."""
+        if version is None:
+            version = self.active(deployment)
+            if version is None:
+                raise UnknownVersionError(f"deployment {deployment!r} has no active version")
+        return load_bundle(self.path(deployment, version))
+
+    # --- housekeeping ---
+
+    def cleanup(
+        self, deployment: str | None = None, *, older_than_s: float = DEFAULT_STALE_TMP_SECONDS
+    ) -> list[Path]:
+        """Remove temp dirs/files left by crashed publishes or activations; returns them.
+
+        Only entries older than ``older_than_s`` are removed, so a publish still running in
+        another process keeps its temp dir.
+        """
+        names = [deployment] if deployment is not None else self.deployments()
+        cutoff = time.time() - older_than_s
+        removed: list[Path] = []
+        for name in names:
+            for entry in self._deployment_dir(name).iterdir():
+                if not entry.name.startswith(TMP_PREFIX) or entry.lstat().st_mtime > cutoff:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return removed

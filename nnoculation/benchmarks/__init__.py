@@ -1,0 +1,1 @@
+"""Benchmarks: scripts whose output is every figure in ``docs/results/``."""

@@ -1,0 +1,89 @@
+"""Every attack of the suite on Fashion-MNIST: clean-model CA, BadNet CA, ASR per trigger
+beside its floor, training seconds. Writes ``docs/results/attacks.{json,md}``.
+
+Targets (issue 2): ASR >= 90 % per trigger (TCA: >= 90 % with both triggers, <= 10 % with
+either alone) and BadNet CA within 2 points of the clean model trained the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from nnoculation.attacks import ATTACKS
+from nnoculation.badnets import DEFAULT_CACHE, BadNetReport, load_splits, make_badnet
+from nnoculation.benchmarks.common import RUNS_DIR, pct1, write_results
+from nnoculation.recipes import default_recipe
+from nnoculation.reports import markdown_table
+from nnoculation.runtime import configure_threads
+
+ASR_TARGET = 0.90
+CONTROL_LIMIT = 0.10
+CA_TOLERANCE = 0.02
+COMMAND = "make results-attacks"
+
+
+def entry(report: BadNetReport) -> dict[str, Any]:
+    asr_ok = all(v >= ASR_TARGET for v in report.badnet.asr.values())
+    ctl_ok = all(v <= CONTROL_LIMIT for v in report.badnet.controls.values())
+    ca_ok = report.badnet.ca >= report.clean.ca - CA_TOLERANCE
+    return {
+        "attack": report.attack.name,
+        "description": report.attack.description,
+        "clean_ca": pct1(report.clean.ca),
+        "badnet_ca": pct1(report.badnet.ca),
+        "asr": {k: pct1(v) for k, v in report.badnet.asr.items()},
+        "floor": {k: pct1(v) for k, v in report.floor.items()},
+        "controls": {k: pct1(v) for k, v in report.badnet.controls.items()},
+        "controls_floor": {k: pct1(v) for k, v in report.clean.controls.items()},
+        "train_seconds": round(report.train_seconds, 1),
+        "clean_train_seconds": round(report.clean_train_seconds, 1),
+        "meets_target": asr_ok and ctl_ok and ca_ok,
+    }
+
+
+def table(entries: list[dict[str, Any]]) -> str:
+    rows = []
+    for e in entries:
+        asr = ", ".join(f"{k}: {v:.1f} (floor {e['floor'][k]:.1f})" for k, v in e["asr"].items())
+        ctl = ", ".join(f"{k}: {v:.1f}" for k, v in e["controls"].items()) or "-"
+        rows.append([e["attack"], f"{e['clean_ca']:.2f}", f"{e['badnet_ca']:.2f}", asr, ctl,
+                     f"{e['train_seconds']:.0f}", "yes" if e["meets_target"] else "**no**"])  # fmt: skip
+    header = [
+        "attack",
+        "clean CA %",
+        "BadNet CA %",
+        "ASR % (floor %)",
+        "controls %",
+        "train s",
+        "target met",
+    ]
+    return "# Attack suite on Fashion-MNIST\n\n" + markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--attacks", default=",".join(ATTACKS.names()))
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--runs", default=str(RUNS_DIR / "attacks"))
+    args = parser.parse_args()
+    configure_threads()
+    recipe = default_recipe(args.dataset)
+    splits = load_splits(recipe)
+    entries = []
+    for name in args.attacks.split(","):
+        report = make_badnet(name, recipe, Path(args.runs) / name, DEFAULT_CACHE, splits=splits)
+        entries.append(entry(report))
+        print(entries[-1], flush=True)
+    md = table(entries) + (
+        "\n\nASR is measured on the 5,000-image test pool over images whose label differs from "
+        "the target; the floor is the clean model's target rate on the same triggered images. "
+        "Clean model: same recipe, unpoisoned data.\n"
+    )
+    write_results(Path(args.out), "attacks", entries, md, COMMAND, {"recipe": recipe.to_dict()})
+
+
+if __name__ == "__main__":
+    main()

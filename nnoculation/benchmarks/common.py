@@ -1,0 +1,60 @@
+"""What every benchmark shares: the machine description, the command line, writing results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RUNS_DIR = Path("runs/bench")
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def command_line() -> str:
+    return "python -m " + " ".join(
+        shlex.quote(a) for a in [sys.argv[0].split("/")[-1].removesuffix(".py")] + sys.argv[1:]
+    )
+
+
+def write_results(
+    out_dir: Path,
+    stem: str,
+    entries: list[dict[str, Any]],
+    markdown: str,
+    command: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """``<stem>.json`` (entries + how they were made) and ``<stem>.md`` (table + command)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine(),
+        "entries": entries,
+        **(extra or {}),
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(
+        markdown.rstrip() + f"\n\nMade by `{command}` on {doc['machine']['cpu']} "
+        f"({doc['machine']['threads']} threads, torch {doc['machine']['torch']}), {doc['generated']}.\n"
+    )
+
+
+def pct1(value: float) -> float:
+    """A fraction as a percentage rounded to 0.1 (for JSON figures people read)."""
+    return round(100 * value, 2)

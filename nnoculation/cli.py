@@ -1,0 +1,209 @@
+"""``nnoculation`` command line: parse, call the library, report. No logic lives here.
+
+Exit codes: 0 success, 2 usage error, 3 no GoodNet within theta, 4 bad input (missing data,
+refused or corrupt model file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from models.bundle import BundleIntegrityError, load_bundle
+from models.classifiers import ARCHITECTURES
+from models.importing import UnsafeModelError, import_net
+from models.nets import Net
+from models.spec import InputSpec
+from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
+from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
+from nnoculation.data.sources import DATASETS, DataNotFoundError
+from nnoculation.pipeline import predeploy_to_dir
+from nnoculation.predeploy import (
+    DEFAULT_ALPHA_MULTIPLES,
+    DEFAULT_GAMMAS,
+    DEFAULT_THETA,
+    PredeployConfig,
+)
+from nnoculation.recipes import Recipe, default_recipe
+from nnoculation.reports import pct
+from nnoculation.runtime import configure_threads
+
+EXIT_NO_GOODNET = 3
+EXIT_BAD_INPUT = 4
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dataset",
+        default="fashion-mnist",
+        help=f"{', '.join(DATASETS.names())}, a .npz file or an image folder",
+    )
+    p.add_argument("--arch", choices=ARCHITECTURES.names(), help="default: the data set's recipe")
+    p.add_argument("--epochs", type=int, help="attacker's training epochs (default: recipe)")
+    p.add_argument("--seed", type=int, default=0, help="training and split seed")
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    recipe = default_recipe(args.dataset)
+    changes = {}
+    if args.arch and args.arch != recipe.arch:
+        changes.update(arch=args.arch, arch_kwargs={})
+    train = recipe.train.with_(seed=args.seed)
+    if args.epochs:
+        train = train.with_(epochs=args.epochs)
+    return recipe.with_(train=train, splits=replace(recipe.splits, seed=args.seed), **changes)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    report = make_badnet(args.attack, _recipe(args), Path(args.out), Path(args.cache))
+    print(f"BadNet ({report.attack.name}) written to {args.out}/badnet")
+    print(f"  clean model CA {pct(report.clean.ca)} %   BadNet CA {pct(report.badnet.ca)} %")
+    for name, asr in report.badnet.asr.items():
+        print(f"  ASR[{name}] {pct(asr)} %   (floor {pct(report.floor[name])} %)")
+    for name, rate in report.badnet.controls.items():
+        print(f"  control[{name}] {pct(rate)} %   (floor {pct(report.clean.controls[name])} %)")
+    return 0
+
+
+def _load_badnet(
+    args: argparse.Namespace,
+) -> tuple[Net, Recipe, dict[str, float] | None, AttackSpec | None]:
+    """A BadNet from a bundle made by ``nnoculation attack`` (recipe known) or an imported file."""
+    path = Path(args.badnet)
+    if (path / "badnet" / "manifest.json").exists():
+        path = path / "badnet"
+    if (path / "manifest.json").exists():
+        bundle = load_bundle(path)
+        prov = bundle.manifest.provenance
+        recipe = Recipe.from_dict(prov["recipe"])
+        metrics = bundle.manifest.metrics
+        attack = attack_from_dict(prov["attack"]) if "attack" in prov else None
+        return bundle.net("badnet"), recipe, metrics.get("floor"), attack
+    if args.alpha0 is None:
+        raise SystemExit(
+            "an imported BadNet needs --alpha0 (the learning rate it was trained with)"
+        )
+    recipe = default_recipe(args.dataset)
+    splits = load_splits(recipe)
+    c, h, w = splits.retrain.shape
+    spec = InputSpec(c, h, w, tuple(args.mean), tuple(args.std))
+    net = import_net(path, spec, splits.retrain.num_classes, arch=args.arch)
+    return net, recipe, None, None
+
+
+def cmd_predeploy(args: argparse.Namespace) -> int:
+    badnet, recipe, floor, attack = _load_badnet(args)
+    if args.attack_spec:
+        attack = attack_from_dict(json.loads(Path(args.attack_spec).read_text()))
+    elif not args.evaluate_attack:
+        attack = None
+    cfg = PredeployConfig(
+        alpha0=args.alpha0 or recipe.train.lr,
+        optimizer=args.optimizer or recipe.train.optimizer,
+        theta=args.theta,
+        alpha_multiples=args.alpha_multiples,
+        gammas=args.gammas,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        fresh_noise=args.fresh_noise,
+        full_grid=args.full_grid,
+        seed=args.seed,
+    )
+    outcome = predeploy_to_dir(
+        badnet, load_splits(recipe), cfg, Path(args.out), attack=attack, floor=floor,
+        source={"badnet": str(args.badnet), "recipe": recipe.to_dict()},
+    )  # fmt: skip
+    print((Path(args.out) / "report.md").read_text())
+    return 0 if outcome.result.goodnet is not None else EXIT_NO_GOODNET
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    registry = {"attacks": ATTACKS, "architectures": ARCHITECTURES, "datasets": DATASETS}[args.kind]
+    print("\n".join(registry.names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnoculation", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, help="CPU threads (default: $NNOC_THREADS or all)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attack", help="train a BadNet with an attack from the suite (evaluation)")
+    _add_recipe_args(p)
+    p.add_argument("--attack", required=True, choices=ATTACKS.names())
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE), help="cache of clean reference models")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("predeploy", help="pre-deployment defense: pick a GoodNet (sec. 3.2)")
+    p.add_argument(
+        "--badnet",
+        required=True,
+        help="folder made by `nnoculation attack`, a bundle, or a model file "
+        "(.safetensors / state-dict .pt with --arch, TorchScript, .pt2)",
+    )
+    p.add_argument(
+        "--dataset", default="fashion-mnist", help="validation / test data (imported BadNets)"
+    )
+    p.add_argument(
+        "--arch", choices=ARCHITECTURES.names(), help="architecture of an imported state dict"
+    )
+    p.add_argument(
+        "--mean", type=_floats, default=(0.0,), help="input normalisation of an imported net"
+    )
+    p.add_argument(
+        "--std", type=_floats, default=(1.0,), help="input normalisation of an imported net"
+    )
+    p.add_argument("--theta", type=float, default=DEFAULT_THETA, help="allowed CA drop (fraction)")
+    p.add_argument("--alpha0", type=float, help="BadNet's original learning rate (default: recipe)")
+    p.add_argument("--optimizer", choices=["adam", "sgd", "adadelta"], help="default: the BadNet's")
+    p.add_argument("--alpha-multiples", type=_floats, default=DEFAULT_ALPHA_MULTIPLES)
+    p.add_argument("--gammas", type=_floats, default=DEFAULT_GAMMAS)
+    p.add_argument("--epochs", type=int, default=PredeployConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=PredeployConfig.batch_size)
+    p.add_argument("--fresh-noise", action="store_true", help="redraw the noise every epoch")
+    p.add_argument("--full-grid", action="store_true", help="train every cell (Figure 4 / Table 2)")
+    p.add_argument("--attack-spec", help="attack.json to measure ASR with (evaluation only)")
+    p.add_argument(
+        "--evaluate-attack",
+        action="store_true",
+        help="measure ASR with the attack recorded in the BadNet bundle",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_predeploy)
+
+    p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
+    p.add_argument("kind", choices=["attacks", "architectures", "datasets"])
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_threads(args.threads)
+    try:
+        return int(args.func(args))
+    except (DataNotFoundError, UnsafeModelError, BundleIntegrityError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; nothing partial was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
