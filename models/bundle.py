@@ -316,7 +316,9 @@ class Bundle:
             file_name = self.manifest.tensors[group]
         except KeyError:
             known = sorted(self.manifest.tensors)
-            raise KeyError(f"bundle {self.path} has no tensor group {group!r}; it has {known}") from None
+            raise KeyError(
+                f"bundle {self.path} has no tensor group {group!r}; it has {known}"
+            ) from None
         return safetensors.torch.load_file(str(self.path / file_name), device="cpu")
 
 

@@ -57,9 +57,7 @@ def _conv_out(size: int, kernel: int, padding: int = 0) -> int:
 
 def _require_positive(arch: str, spec: InputSpec, height: int, width: int) -> None:
     if height < 1 or width < 1:
-        raise ValueError(
-            f"input {spec.height}x{spec.width} is too small for architecture {arch!r}"
-        )
+        raise ValueError(f"input {spec.height}x{spec.width} is too small for architecture {arch!r}")
 
 
 class SmallCNN(nn.Module):

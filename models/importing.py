@@ -41,6 +41,7 @@ from models.spec import InputSpec
 CHECK_BATCH = 2
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|$)", re.MULTILINE)
 
 # Operators that read or write files; refused in TorchScript code and exported graphs.
 FILE_OPERATORS = frozenset({"from_file", "save", "load_tensor"})
@@ -65,8 +66,11 @@ _NAME_PART = r"(?!__)[A-Za-z_]\w*"
 _TARGET_OPS = re.compile(
     rf"^torch\.ops\.(?!higher_order\.){_NAME_PART}\.({_NAME_PART})(\.{_NAME_PART})?$"
 )
-_OPERATOR_NAMES = ["getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "lshift", "rshift"]
-_TORCH_SYM_NAMES = ["sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite", "sym_sqrt"]
+_OPERATOR_NAMES = (
+    "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs",
+    "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "lshift", "rshift",
+)  # fmt: skip
+_TORCH_SYM_NAMES = ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite", "sym_sqrt")
 _MATH_NAMES = ("trunc", "floor", "ceil")
 _ALLOWED_TARGET_NAMES = frozenset(
     [f"_operator.{name}" for name in _OPERATOR_NAMES]
@@ -81,12 +85,17 @@ _ALLOWED_CALLABLE_TARGETS = frozenset(
 
 # Shape expressions (``expr_str``) are parsed by ``sympy.sympify``, i.e. ``eval``: allow only
 # calls to these SymPy / torch-sympy constructors, bare names, numbers and arithmetic.
-_SYMPY_CALLS = frozenset(
-    ["Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Mod", "Abs", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "ModularIndexing", "Where", "CeilToInt", "FloorToInt", "TruncToInt", "RoundToInt", "RoundDecimal", "IntTrueDiv", "FloatTrueDiv", "ToFloat", "PowByNatural", "FloatPow", "LShift", "RShift", "Identity", "Eq", "Ne", "Ge", "Gt", "Le", "Lt", "And", "Or", "Not", "StrictGreaterThan", "StrictLessThan", "GreaterThan", "LessThan", "Equality", "Unequality"]
-)
+_SYMPY_CALLS = frozenset((
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Mod", "Abs",
+    "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod", "ModularIndexing", "Where",
+    "CeilToInt", "FloorToInt", "TruncToInt", "RoundToInt", "RoundDecimal",
+    "IntTrueDiv", "FloatTrueDiv", "ToFloat", "PowByNatural", "FloatPow", "LShift", "RShift",
+    "Identity", "Eq", "Ne", "Ge", "Gt", "Le", "Lt", "And", "Or", "Not",
+    "StrictGreaterThan", "StrictLessThan", "GreaterThan", "LessThan", "Equality", "Unequality",
+))  # fmt: skip
 _SYMPY_CALL_PATTERN = re.compile(r"^(OpaqueUnaryFn|BitwiseFn)_[A-Za-z0-9_]+$")
 _SYMBOL_ASSUMPTIONS = frozenset(
-    ["positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "evaluate"]
+    ("positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "evaluate")
 )
 _IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 # Guard code is ``exec``-ed: allow ``L[...]`` tensor sizes, arithmetic and a few functions.
@@ -213,9 +222,15 @@ def _weights_only_load(path: Path, data: bytes) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise _unpickle_refused(path, _first_line(err)) from None
+        raise _unpickle_refused(path, _unpickler_reason(err)) from None
     except Exception as err:
         raise ValueError(f"{path} is not a readable PyTorch file: {_first_line(err)}") from None
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The line of torch's refusal that names the offending global, without its advice."""
+    match = _UNPICKLER_REASON.search(str(err))
+    return match.group(1).strip() if match else _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:

@@ -8,6 +8,7 @@ copies are saved the same way (design notes, "Model bundle").
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -60,10 +61,8 @@ def export_module(module: nn.Module, spec: InputSpec) -> torch.export.ExportedPr
 
 def _set_mode(module: nn.Module, training: bool) -> None:
     """``module.train(training)``; modules from ``ExportedProgram.module()`` refuse it."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.train(training)
-    except NotImplementedError:
-        pass
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -199,9 +198,7 @@ class Net:
         }
 
     @classmethod
-    def load(
-        cls, directory: Path, entry: dict[str, Any], spec: InputSpec, num_classes: int
-    ) -> Net:
+    def load(cls, directory: Path, entry: dict[str, Any], spec: InputSpec, num_classes: int) -> Net:
         """Load a net written by :meth:`save` (a trusted bundle file) onto the CPU."""
         fmt = entry["format"]
         if fmt not in NET_FORMATS:

@@ -127,7 +127,9 @@ class ModelStore:
         versions_dir = self._deployment_dir(deployment) / VERSIONS_DIR
         if not versions_dir.is_dir():
             return []
-        found = [p.name for p in versions_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        found = [
+            p.name for p in versions_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)
+        ]
         return sorted(found, key=version_number)
 
     def path(self, deployment: str, version: str) -> Path:

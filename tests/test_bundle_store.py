@@ -1,0 +1,262 @@
+"""Model bundles (write / verify / load) and the versioned model store."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.bundle import (
+    MANIFEST_NAME,
+    BundleError,
+    BundleIntegrityError,
+    Manifest,
+    load_bundle,
+    read_manifest,
+    verify_bundle,
+    write_bundle,
+)
+from models.classifiers import build_classifier
+from models.nets import Net
+from models.spec import InputSpec
+from models.store import (
+    InvalidNameError,
+    ModelStore,
+    UnknownDeploymentError,
+    UnknownVersionError,
+)
+
+SPEC = InputSpec(1, 28, 28, (0.5,), (0.5,))
+CLASS_NAMES = [f"class_{i}" for i in range(10)]
+DEPLOYMENT = "fashion"
+
+
+def tiny_net(seed: int) -> Net:
+    torch.manual_seed(seed)
+    module = build_classifier("small_cnn", SPEC, len(CLASS_NAMES), width=2).eval()
+    return Net(module, "zoo", SPEC, len(CLASS_NAMES), arch="small_cnn", arch_kwargs={"width": 2})
+
+
+def validation_set() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randint(0, 256, (6, *SPEC.shape), dtype=torch.uint8, generator=generator),
+        "labels": torch.arange(6) % len(CLASS_NAMES),
+    }
+
+
+def write(directory: Path, version: str = "v0001", parent: str | None = None) -> Manifest:
+    return write_bundle(
+        directory,
+        name=DEPLOYMENT,
+        version=version,
+        parent=parent,
+        spec=SPEC,
+        class_names=CLASS_NAMES,
+        nets={"badnet": tiny_net(0), "goodnet": tiny_net(1)},
+        tensors={"validation": validation_set()},
+        metrics={"clean_accuracy": {"badnet": 0.9, "goodnet": 0.88}},
+        provenance={"alpha": 0.1, "gamma": 0.3, "theta": 0.03},
+        extra_files={"report.md": b"# report\n", "plots/grid.png": b"\x89PNG fake"},
+    )
+
+
+# --- bundles ---
+
+
+def test_bundle_round_trip(tmp_path: Path) -> None:
+    manifest = write(tmp_path)
+    assert sorted(manifest.files) == [
+        "badnet.safetensors",
+        "goodnet.safetensors",
+        "plots/grid.png",
+        "report.md",
+        "validation.safetensors",
+    ]
+    assert datetime.fromisoformat(manifest.created).utcoffset() == datetime.now(UTC).utcoffset()
+    assert read_manifest(tmp_path) == manifest == verify_bundle(tmp_path)
+    on_disk = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert on_disk["nets"]["badnet"] == {
+        "format": "zoo",
+        "file": "badnet.safetensors",
+        "arch": "small_cnn",
+        "arch_kwargs": {"width": 2},
+    }
+    bundle = load_bundle(tmp_path)
+    assert bundle.spec == SPEC and bundle.class_names == CLASS_NAMES
+    assert bundle.roles == ["badnet", "goodnet"]
+    images = validation_set()["images"]
+    for role, seed in (("badnet", 0), ("goodnet", 1)):
+        assert torch.equal(bundle.net(role).logits(images), tiny_net(seed).logits(images))
+    assert bundle.net("badnet") is not bundle.net("badnet")
+    loaded = bundle.tensors("validation")
+    assert all(torch.equal(loaded[k], v) for k, v in validation_set().items())
+    with pytest.raises(KeyError, match="no net 'cleannet'"):
+        bundle.net("cleannet")
+
+
+def test_tampered_file_is_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+    weights = tmp_path / "goodnet.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"goodnet\.safetensors"):
+        verify_bundle(tmp_path)
+    with pytest.raises(BundleIntegrityError, match="sha256"):
+        load_bundle(tmp_path)
+
+
+def test_missing_file_is_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+    (tmp_path / "plots" / "grid.png").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"'plots/grid.png' is missing"):
+        load_bundle(tmp_path)
+
+
+def test_bad_manifests_are_refused(tmp_path: Path) -> None:
+    write(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["files"]["../outside"] = "0" * 64
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match="invalid file name"):
+        verify_bundle(tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(BundleIntegrityError, match="unreadable"):
+        verify_bundle(tmp_path)
+    path.unlink()
+    with pytest.raises(BundleIntegrityError, match=r"no manifest\.json"):
+        verify_bundle(tmp_path)
+
+
+def test_colliding_bundle_parts_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"validation\.safetensors"):
+        write_bundle(
+            tmp_path,
+            name=DEPLOYMENT,
+            version="v0001",
+            parent=None,
+            spec=SPEC,
+            class_names=CLASS_NAMES,
+            nets={"validation": tiny_net(0)},
+            tensors={"validation": validation_set()},
+        )
+
+
+# --- store ---
+
+
+def publish(store: ModelStore, parent: str | None = None, *, activate: bool = False) -> str:
+    return store.publish(
+        DEPLOYMENT,
+        lambda directory, version: write(directory, version, parent),
+        parent,
+        activate=activate,
+    )
+
+
+def test_publish_allocates_versions_with_parents(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    assert publish(store) == "v0001"
+    assert publish(store, "v0001") == "v0002"
+    assert store.versions(DEPLOYMENT) == ["v0001", "v0002"]
+    assert store.manifest(DEPLOYMENT, "v0002").parent == "v0001"
+    assert store.active(DEPLOYMENT) is None
+    assert store.deployments() == [DEPLOYMENT]
+    assert store.path(DEPLOYMENT, "v0002") == tmp_path / DEPLOYMENT / "versions" / "v0002"
+
+
+def test_activate_load_and_rollback(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store, activate=True)
+    publish(store, "v0001", activate=True)
+    assert store.active(DEPLOYMENT) == "v0002"
+    assert (tmp_path / DEPLOYMENT / "ACTIVE").read_text().strip() == "v0002"
+    assert store.load(DEPLOYMENT).manifest.version == "v0002"
+    assert store.rollback(DEPLOYMENT) == "v0001"
+    assert store.active(DEPLOYMENT) == "v0001"
+    assert store.load(DEPLOYMENT, "v0002").manifest.version == "v0002"
+    assert store.rollback(DEPLOYMENT, "v0002") == "v0002"
+    store.rollback(DEPLOYMENT)
+    with pytest.raises(UnknownVersionError, match="nothing to roll back to"):
+        store.rollback(DEPLOYMENT)
+
+
+def test_activate_refuses_a_tampered_version(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store, activate=True)
+    publish(store, "v0001")
+    (store.path(DEPLOYMENT, "v0002") / "report.md").write_bytes(b"changed")
+    with pytest.raises(BundleIntegrityError, match=r"report\.md"):
+        store.activate(DEPLOYMENT, "v0002")
+    assert store.active(DEPLOYMENT) == "v0001"
+
+
+def test_failed_publish_leaves_no_trace(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store, activate=True)
+
+    def crash(directory: Path, version: str) -> Manifest:
+        (directory / "badnet.safetensors").write_bytes(b"half written")
+        raise RuntimeError("out of disk")
+
+    with pytest.raises(RuntimeError, match="out of disk"):
+        store.publish(DEPLOYMENT, crash, "v0001", activate=True)
+    with pytest.raises(ValueError, match="store asked for 'v0002'"):
+        store.publish(DEPLOYMENT, lambda directory, _v: write(directory, "v0009"), None)
+    assert store.versions(DEPLOYMENT) == ["v0001"]
+    assert store.active(DEPLOYMENT) == "v0001"
+    assert [p.name for p in (tmp_path / DEPLOYMENT).iterdir() if p.name.startswith(".")] == []
+
+
+def test_crashed_publish_is_ignored_and_cleaned_up(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store)
+    leftover = tmp_path / DEPLOYMENT / ".tmp-0123abcd"
+    write(leftover, "v0002")
+    assert store.versions(DEPLOYMENT) == ["v0001"]
+    assert publish(store) == "v0002"
+    assert store.cleanup(DEPLOYMENT) == []  # too young: may be a publish still running
+    assert store.cleanup(older_than_s=0) == [leftover]
+    assert not leftover.exists()
+
+
+def test_losing_the_race_for_a_version_id_takes_the_next(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+
+    def build_while_another_publishes(directory: Path, version: str) -> Manifest:
+        assert publish(store) == version  # a concurrent publisher takes our id first
+        return write(directory, version)
+
+    assert store.publish(DEPLOYMENT, build_while_another_publishes) == "v0002"
+    assert store.versions(DEPLOYMENT) == ["v0001", "v0002"]
+    assert verify_bundle(store.path(DEPLOYMENT, "v0002")).version == "v0002"
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "-x", "..", "a b"])
+def test_invalid_deployment_names_are_refused(tmp_path: Path, name: str) -> None:
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(InvalidNameError):
+        store.publish(name, lambda directory, version: write(directory, version))
+    with pytest.raises(InvalidNameError):
+        store.versions(name)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_unknown_deployments_and_versions(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(UnknownDeploymentError, match="unknown deployment 'nope'"):
+        store.versions("nope")
+    publish(store)
+    with pytest.raises(UnknownVersionError, match="no version 'v0007'"):
+        store.load(DEPLOYMENT, "v0007")
+    with pytest.raises(UnknownVersionError, match="no active version"):
+        store.load(DEPLOYMENT)
+    with pytest.raises(InvalidNameError):
+        store.path(DEPLOYMENT, "../v0001")
+    with pytest.raises(UnknownVersionError):
+        publish(store, parent="v0042")
