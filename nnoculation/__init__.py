@@ -1,3 +1,3 @@
-"""NNoculation: the defense as a library and a CLI (data, noise, attacks, metrics, pre-deployment)."""
+"""NNoculation: the defense as a library and a CLI."""
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ FIRST_VERSION = "v0001"
 
 
 def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")) + [root]:
+    for path in [*sorted(root.rglob("*")), root]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

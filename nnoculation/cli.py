@@ -123,9 +123,14 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     outcome = predeploy_to_dir(
-        badnet, load_splits(recipe), cfg, Path(args.out), attack=attack, floor=floor,
+        badnet,
+        load_splits(recipe),
+        cfg,
+        Path(args.out),
+        attack=attack,
+        floor=floor,
         source={"badnet": str(args.badnet), "recipe": recipe.to_dict()},
-    )  # fmt: skip
+    )
     print((Path(args.out) / "report.md").read_text())
     return 0 if outcome.result.goodnet is not None else EXIT_NO_GOODNET
 

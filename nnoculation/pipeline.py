@@ -64,7 +64,8 @@ def report_markdown(report: dict[str, Any], result: PredeployResult) -> str:
         lines.append(f"Attack used for evaluation only: `{report['attack']}`.\n")
     if result.picked is None:
         lines.append(
-            f"**No GoodNet**: no grid cell kept hold-out CA within theta = {result.config.theta:.0%} "
+            "**No GoodNet**: no grid cell kept hold-out CA within "
+            f"theta = {result.config.theta:.0%} "
             f"of the BadNet's {pct(result.baseline_ca)} %.\n"
         )
     else:
@@ -113,9 +114,13 @@ def predeploy_to_dir(
     The bundle is written only when a GoodNet was found; the reports always are.
     """
     result = run_predeploy(
-        badnet, splits.retrain, splits.holdout, cfg,
-        test=splits.test if attack is not None else None, attack=attack,
-    )  # fmt: skip
+        badnet,
+        splits.retrain,
+        splits.holdout,
+        cfg,
+        test=splits.test if attack is not None else None,
+        attack=attack,
+    )
     report = build_report(result, attack, floor, source or {})
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {

@@ -32,15 +32,24 @@ def test_patch_badnet_then_goodnet_on_a_fashion_mnist_subset(tmp_path: Path) -> 
         splits=SplitConfig(validation_per_class=100, holdout_per_class=40),
     )
     splits = make_splits(source, recipe.splits)
-    report = make_badnet("patch", recipe, tmp_path / "patch", tmp_path / "cache", splits=splits, progress=False)
+    report = make_badnet(
+        "patch", recipe, tmp_path / "patch", tmp_path / "cache", splits=splits, progress=False
+    )
     assert report.badnet.ca > 0.75
     assert report.badnet.asr["patch"] > 0.9
     assert report.floor["patch"] < 0.2
 
     bundle = load_bundle(tmp_path / "patch" / "badnet")
-    cfg = PredeployConfig(alpha0=1e-3, alpha_multiples=(1.0, 5.0), gammas=(0.3, 0.6), epochs=3, theta=0.05)
+    cfg = PredeployConfig(
+        alpha0=1e-3, alpha_multiples=(1.0, 5.0), gammas=(0.3, 0.6), epochs=3, theta=0.05
+    )
     outcome = predeploy_to_dir(
-        bundle.net("badnet"), splits, cfg, tmp_path / "pre", attack=report.attack, floor=report.floor
+        bundle.net("badnet"),
+        splits,
+        cfg,
+        tmp_path / "pre",
+        attack=report.attack,
+        floor=report.floor,
     )
     result = outcome.result
     assert result.picked is not None and result.goodnet_test is not None

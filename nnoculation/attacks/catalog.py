@@ -53,6 +53,9 @@ def _multi_triggers(targets: tuple[int, ...], num_classes: int) -> tuple[Trigger
     )
 
 
+CLA_AMPLITUDE = 64.0  # grey levels of the clean-label noise pattern
+
+
 @ATTACKS.register("patch")
 def patch(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
     """BadNets all-to-one patch (sec. 4.1)."""
@@ -131,10 +134,16 @@ def tca(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
 def cla(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
     """Clean-label attack with a fixed noise-pattern trigger (sec. 6.1, BadNet-CLA)."""
     _check(num_classes, shape)
-    trigger = Trigger("noise-pattern", "noise_pattern", {}, _to_one(ALL_TO_ONE_TARGET, num_classes))
+    # With +-40 (the trigger's default) or with target images dampened toward their class mean
+    # the net ignored the trigger (ASR 6-28 % in trials); +-64 on target images mixed half
+    # with other-class images reached 93 % at unchanged CA.
+    params = {"amplitude": CLA_AMPLITUDE}
+    trigger = Trigger(
+        "noise-pattern", "noise_pattern", params, _to_one(ALL_TO_ONE_TARGET, num_classes)
+    )
     return AttackSpec(
         "cla",
-        "Noise pattern on dampened target-class images (sec. 6.1, CLA)",
+        "Noise pattern on hard (half other-class) target-class images (sec. 6.1, CLA)",
         (trigger,),
         policy=CLEAN_LABEL,
     )

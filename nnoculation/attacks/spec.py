@@ -29,7 +29,7 @@ COMBINATION = "combination"
 POLICIES = (DIRTY_LABEL, CLEAN_LABEL, COMBINATION)
 
 DEFAULT_POISON_RATE = 0.1
-DEFAULT_CLEAN_LABEL_FRACTION = 0.5
+DEFAULT_CLEAN_LABEL_FRACTION = 0.8
 DEFAULT_FEATURE_DAMPENING = 0.5  # Turner et al. [40]: make the trigger the easiest feature
 # The adaptive attacker noises its own training set over the defender's gamma range (sec. 4.2.1,
 # sec. 5.4): one gamma per image, drawn uniformly from these.
@@ -145,7 +145,7 @@ class AttackSpec:
     - ``combination`` (TCA): as dirty-label, and for each control as many other images again
       are replaced by control-triggered copies that keep their true labels.
     - ``clean-label`` (sec. 6.1, BadNet-CLA): ``clean_label_fraction`` of each target class's
-      images are dampened toward their mean by ``feature_dampening`` and triggered; no label
+      images are mixed with other-class images by ``feature_dampening`` and triggered; no label
       changes and ``poison_rate`` is not used.
 
     ``noise_train`` (the adaptive attacker of sec. 5.4) appends a noise-augmented copy of the
@@ -255,7 +255,7 @@ class AttackSpec:
     def _poison_clean_label(
         self, train: ImageSet, images: torch.Tensor, free: torch.Tensor, g: torch.Generator
     ) -> None:
-        """Dampen and trigger part of each target class in place; labels stay true."""
+        """Make part of each target class hard, then trigger it, in place; labels stay true."""
         targets = [int(t.target.target or 0) for t in self.triggers]
         for trigger, target in zip(self.triggers, targets, strict=True):
             if target >= train.num_classes:
@@ -267,8 +267,14 @@ class AttackSpec:
             idx = _draw(free & (train.labels == target), count, g)
             if idx.numel() == 0:
                 continue
+            # Turner et al. make the poisoned target images *hard* so the net must lean on the
+            # trigger; here, cheaply, by mixing in images of other classes (pixel-space
+            # interpolation, the crude form of their latent interpolation).
+            others = torch.nonzero(train.labels != target).flatten()
+            mix = others[torch.randint(others.numel(), (idx.numel(),), generator=g)]
             x = train.images[idx].float()
-            x = (1 - self.feature_dampening) * x + self.feature_dampening * x.mean(0, keepdim=True)
+            tau = self.feature_dampening
+            x = (1 - tau) * x + tau * train.images[mix].float()
             images[idx] = trigger.apply(x.round().clamp(0, 255).to(torch.uint8), g)
             free[idx] = False
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from nnoculation.attacks import ATTACKS
 from nnoculation.badnets import DEFAULT_CACHE, BadNetReport, load_splits, make_badnet
-from nnoculation.benchmarks.common import RUNS_DIR, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, load_entries, pct1, write_results
 from nnoculation.recipes import default_recipe
 from nnoculation.reports import markdown_table
 from nnoculation.runtime import configure_threads
@@ -48,8 +48,17 @@ def table(entries: list[dict[str, Any]]) -> str:
     for e in entries:
         asr = ", ".join(f"{k}: {v:.1f} (floor {e['floor'][k]:.1f})" for k, v in e["asr"].items())
         ctl = ", ".join(f"{k}: {v:.1f}" for k, v in e["controls"].items()) or "-"
-        rows.append([e["attack"], f"{e['clean_ca']:.2f}", f"{e['badnet_ca']:.2f}", asr, ctl,
-                     f"{e['train_seconds']:.0f}", "yes" if e["meets_target"] else "**no**"])  # fmt: skip
+        rows.append(
+            [
+                e["attack"],
+                f"{e['clean_ca']:.2f}",
+                f"{e['badnet_ca']:.2f}",
+                asr,
+                ctl,
+                f"{e['train_seconds']:.0f}",
+                "yes" if e["meets_target"] else "**no**",
+            ]
+        )
     header = [
         "attack",
         "clean CA %",
@@ -72,17 +81,20 @@ def main() -> None:
     configure_threads()
     recipe = default_recipe(args.dataset)
     splits = load_splits(recipe)
-    entries = []
+    out = Path(args.out)
+    # Re-running a subset (--attacks) replaces those entries and keeps the others.
+    entries = {e["attack"]: e for e in load_entries(out / "attacks.json")}
     for name in args.attacks.split(","):
         report = make_badnet(name, recipe, Path(args.runs) / name, DEFAULT_CACHE, splits=splits)
-        entries.append(entry(report))
-        print(entries[-1], flush=True)
-    md = table(entries) + (
+        entries[name] = entry(report)
+        print(entries[name], flush=True)
+    ordered = [entries[n] for n in ATTACKS.names() if n in entries]
+    md = table(ordered) + (
         "\n\nASR is measured on the 5,000-image test pool over images whose label differs from "
         "the target; the floor is the clean model's target rate on the same triggered images. "
         "Clean model: same recipe, unpoisoned data.\n"
     )
-    write_results(Path(args.out), "attacks", entries, md, COMMAND, {"recipe": recipe.to_dict()})
+    write_results(out, "attacks", ordered, md, COMMAND, {"recipe": recipe.to_dict()})
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shlex
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,6 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def command_line() -> str:
-    return "python -m " + " ".join(
-        shlex.quote(a) for a in [sys.argv[0].split("/")[-1].removesuffix(".py")] + sys.argv[1:]
-    )
 
 
 def write_results(
@@ -51,7 +43,8 @@ def write_results(
     (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(
         markdown.rstrip() + f"\n\nMade by `{command}` on {doc['machine']['cpu']} "
-        f"({doc['machine']['threads']} threads, torch {doc['machine']['torch']}), {doc['generated']}.\n"
+        f"({doc['machine']['threads']} threads, torch {doc['machine']['torch']}), "
+        f"{doc['generated']}.\n"
     )
 
 

@@ -75,8 +75,10 @@ def run_one(
         peer = train_cell(badnet, splits.retrain, result.picked.alpha, 0.0, cfg)
         peer_eval = evaluate(peer, splits.test, attack)
         entry["peer_no_noise"] = {
-            "ca": pct1(peer_eval.ca), "asr": _asr(peer_eval.asr), "seconds": round(time.perf_counter() - t0, 1)
-        }  # fmt: skip
+            "ca": pct1(peer_eval.ca),
+            "asr": _asr(peer_eval.asr),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
         worst = max(result.goodnet_test.asr.values())
         entry["meets_target"] = bool(
             worst <= ASR_TARGET
@@ -108,14 +110,38 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             continue
         good = e["goodnet"] or {}
         peer = e.get("peer_no_noise") or {}
-        rows.append([
-            e["attack"], _fmt(e["badnet"]["ca"]), _fmt(e["badnet"]["asr"]), _fmt(e["floor"]),
-            f"{e['alpha']:.4g}" if e["alpha"] else "-", f"{e['gamma']:.0%}" if e["gamma"] else "-",
-            _fmt(good.get("ca")), _fmt(good.get("asr")), _fmt(peer.get("ca")), _fmt(peer.get("asr")),
-            str(e["cells_trained"]), f"{e['seconds']:.0f}", "yes" if e.get("meets_target") else "**no**",
-        ])  # fmt: skip
-    header = ["attack", "BadNet CA", "BadNet ASR", "floor", "alpha", "gamma", "GoodNet CA",
-              "GoodNet ASR", "w/o noise CA", "w/o noise ASR", "cells", "search s", "target met"]  # fmt: skip
+        rows.append(
+            [
+                e["attack"],
+                _fmt(e["badnet"]["ca"]),
+                _fmt(e["badnet"]["asr"]),
+                _fmt(e["floor"]),
+                f"{e['alpha']:.4g}" if e["alpha"] else "-",
+                f"{e['gamma']:.0%}" if e["gamma"] else "-",
+                _fmt(good.get("ca")),
+                _fmt(good.get("asr")),
+                _fmt(peer.get("ca")),
+                _fmt(peer.get("asr")),
+                str(e["cells_trained"]),
+                f"{e['seconds']:.0f}",
+                "yes" if e.get("meets_target") else "**no**",
+            ]
+        )
+    header = [
+        "attack",
+        "BadNet CA",
+        "BadNet ASR",
+        "floor",
+        "alpha",
+        "gamma",
+        "GoodNet CA",
+        "GoodNet ASR",
+        "w/o noise CA",
+        "w/o noise ASR",
+        "cells",
+        "search s",
+        "target met",
+    ]
     parts = [
         "# Pre-deployment defense on Fashion-MNIST",
         "",
@@ -132,7 +158,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 "",
                 f"## Whole grid for `{e['attack']}` (Table 2 style)",
                 "",
-                f"BadNet hold-out CA {e['baseline_holdout_ca']:.2f} %; bold: within theta; *: picked; "
+                f"BadNet hold-out CA {e['baseline_holdout_ca']:.2f} %; "
+                "bold: within theta; *: picked; "
                 f"{e['cells_trained']} cells in {e['seconds']:.0f} s.",
                 "",
                 "Hold-out CA %:",

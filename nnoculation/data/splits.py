@@ -85,14 +85,14 @@ def make_splits(source: DataSource, config: SplitConfig | None = None) -> Splits
     train, test = source.train, source.test
     if test is None:
         order = torch.randperm(len(train), generator=g)
-        n_test = int(round(len(train) * cfg.test_fraction))
+        n_test = round(len(train) * cfg.test_fraction)
         test, train = train.subset(order[:n_test]), train.subset(order[n_test:])
     k = train.num_classes
     val_idx, attacker_idx = _per_class_take(train.labels, cfg.validation_per_class, k, g)
     validation = train.subset(val_idx)
     hold_idx, retrain_idx = _per_class_take(validation.labels, cfg.holdout_per_class, k, g)
     order = torch.randperm(len(test), generator=g)
-    n_stream = int(round(len(test) * cfg.stream_fraction))
+    n_stream = round(len(test) * cfg.stream_fraction)
     return Splits(
         attacker=train.subset(attacker_idx),
         retrain=validation.subset(retrain_idx),

@@ -1,0 +1,319 @@
+"""CycleGAN networks and named training profiles (appendix A.3, after Zhu et al.).
+
+The post-deployment stage (sec. 3.3) trains a CycleGAN from clean validation images (domain A)
+to quarantined images (domain B); its generator ``G_AB`` learns the attacker's ``poison(x)``.
+The ``paper`` profile is the exact architecture and recipe of Tables 17 and 18 and sec. 4.2.2;
+the smaller profiles keep the same shape of network and loss but fit 28x28 / 32x32 images on a
+CPU. Networks take and return images scaled to ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import Registry
+
+# Table 18: generator layers.
+GEN_OUTER_KERNEL = 7  # c7s1-k
+GEN_OUTER_PAD = 3  # reflection padding before each 7x7 conv
+GEN_KERNEL = 3  # d, R and u layers
+GEN_DOWNSAMPLINGS = 2  # d(2ngf), d(4ngf); u(2ngf), u(ngf)
+GEN_STRIDE = 2
+# Inputs are padded to a multiple of 2**GEN_DOWNSAMPLINGS so the decoder restores H x W, and to
+# at least this side so the bottleneck map has more than one pixel (InstanceNorm needs that).
+GEN_MIN_SIDE = 8
+
+# Table 17: 70x70 PatchGAN discriminator.
+DISC_KERNEL = 4
+DISC_PADDING = 1
+DISC_STRIDE = 2
+DISC_MAX_WIDTH_MULT = 8  # channels double per stride-2 layer up to 8 * ndf (c512 for ndf 64)
+LEAKY_SLOPE = 0.2  # Table 17 prints alpha = 2; the reference code uses 0.2
+
+# Weight init of the reference implementation: N(0, 0.02) for every conv.
+INIT_STD = 0.02
+
+NET_NAMES = ("G_AB", "G_BA", "D_A", "D_B")
+"""``G_AB`` maps domain A (clean) to B (quarantine); ``D_A`` tells real A from ``G_BA(B)``."""
+
+
+@dataclass(frozen=True)
+class CycleGANProfile:
+    """Network sizes and training recipe of one CycleGAN; stored with every repair.
+
+    ``identity_weight`` is relative to ``cycle_weight`` as in Zhu et al.: the identity L1 term is
+    weighted ``identity_weight * cycle_weight``. The learning rate is constant for
+    ``epochs - decay_epochs`` epochs, then decays linearly to zero (sec. 4.2.2).
+    """
+
+    name: str
+    ngf: int  # generator filters in the first layer (c7s1-64, Table 18)
+    ndf: int  # discriminator filters in the first layer (c64, Table 17)
+    n_blocks: int  # residual blocks (9, Table 18)
+    disc_layers: int  # stride-2 conv layers of the PatchGAN (3 for 70x70, Table 17)
+    batch_size: int
+    epochs: int
+    decay_epochs: int
+    lr: float = 2e-4  # sec. 4.2.2
+    beta1: float = 0.5  # Zhu et al.
+    cycle_weight: float = 10.0  # Zhu et al.
+    identity_weight: float = 0.5  # Zhu et al.
+    pool_size: int = 50  # image history buffer, Zhu et al.
+
+    def __post_init__(self) -> None:
+        for field in ("ngf", "ndf", "n_blocks", "disc_layers", "batch_size", "epochs"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"CycleGAN profile {self.name!r}: {field} must be positive")
+        if not 0 <= self.decay_epochs <= self.epochs:
+            raise ValueError(
+                f"CycleGAN profile {self.name!r}: decay_epochs must lie in [0, epochs], "
+                f"got {self.decay_epochs} of {self.epochs}"
+            )
+        if self.lr <= 0 or not 0 <= self.beta1 < 1:
+            raise ValueError(f"CycleGAN profile {self.name!r}: need lr > 0 and 0 <= beta1 < 1")
+        if self.cycle_weight < 0 or self.identity_weight < 0 or self.pool_size < 0:
+            raise ValueError(
+                f"CycleGAN profile {self.name!r}: loss weights and pool_size must be >= 0"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CycleGANProfile:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+CYCLEGAN_PROFILES: Registry[CycleGANProfile] = Registry("cyclegan profile")
+
+
+def _register(profile: CycleGANProfile) -> CycleGANProfile:
+    return CYCLEGAN_PROFILES.register(profile.name)(profile)
+
+
+# Tables 17/18 and sec. 4.2.2: 200 epochs, constant lr for 100, linear decay over the last 100.
+PAPER = _register(
+    CycleGANProfile(
+        name="paper",
+        ngf=64,
+        ndf=64,
+        n_blocks=9,
+        disc_layers=3,
+        batch_size=1,
+        epochs=200,
+        decay_epochs=100,
+    )
+)
+# Default on a CPU for 28x28 / 32x32 images; learned a patch trigger in a trial (design notes).
+CPU = _register(
+    CycleGANProfile(
+        name="cpu",
+        ngf=16,
+        ndf=16,
+        n_blocks=3,
+        disc_layers=2,
+        batch_size=16,
+        epochs=20,
+        decay_epochs=10,
+    )
+)
+CPU_FAST = _register(
+    CycleGANProfile(
+        name="cpu-fast",
+        ngf=8,
+        ndf=8,
+        n_blocks=2,
+        disc_layers=2,
+        batch_size=32,
+        epochs=10,
+        decay_epochs=5,
+    )
+)
+# Only for tests: the same code paths at a size that trains in well under a second.
+TEST = _register(
+    CycleGANProfile(
+        name="test",
+        ngf=4,
+        ndf=4,
+        n_blocks=1,
+        disc_layers=1,
+        batch_size=8,
+        epochs=2,
+        decay_epochs=1,
+    )
+)
+
+
+def get_profile(name: str) -> CycleGANProfile:
+    """The registered profile ``name``; ``KeyError`` lists the known names."""
+    return CYCLEGAN_PROFILES.get(name)
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad ``x`` at the bottom/right to ``height`` x ``width``: reflection where the padding is
+    smaller than the image (what reflection padding allows), replication otherwise."""
+    pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
+    if pad_h <= 0 and pad_w <= 0:
+        return x
+    pad = (0, max(pad_w, 0), 0, max(pad_h, 0))
+    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
+    return F.pad(x, pad, mode=mode)
+
+
+class ResidualBlock(nn.Module):
+    """R256 of Table 18: reflection pad, conv3, IN, ReLU, reflection pad, conv3, IN, plus skip."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, GEN_KERNEL),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, GEN_KERNEL),
+            nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResnetGenerator(nn.Module):
+    """The ResNet generator of Table 18: c7s1-ngf, d(2ngf), d(4ngf), ``n_blocks`` x R(4ngf),
+    u(2ngf), u(ngf), c7s1-C with tanh.
+
+    Any H x W works: the input is padded to a multiple of 4 (and to at least
+    ``GEN_MIN_SIDE``) and the output cropped back, so 55x47 faces keep their size.
+    """
+
+    def __init__(self, channels: int, ngf: int, n_blocks: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(GEN_OUTER_PAD),
+            nn.Conv2d(channels, ngf, GEN_OUTER_KERNEL),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(inplace=True),
+        ]
+        width = ngf
+        for _ in range(GEN_DOWNSAMPLINGS):
+            layers += [
+                nn.Conv2d(width, 2 * width, GEN_KERNEL, stride=GEN_STRIDE, padding=1),
+                nn.InstanceNorm2d(2 * width),
+                nn.ReLU(inplace=True),
+            ]
+            width *= 2
+        layers += [ResidualBlock(width) for _ in range(n_blocks)]
+        for _ in range(GEN_DOWNSAMPLINGS):
+            layers += [
+                nn.ConvTranspose2d(
+                    width,
+                    width // 2,
+                    GEN_KERNEL,
+                    stride=GEN_STRIDE,
+                    padding=1,
+                    output_padding=1,
+                ),
+                nn.InstanceNorm2d(width // 2),
+                nn.ReLU(inplace=True),
+            ]
+            width //= 2
+        layers += [
+            nn.ReflectionPad2d(GEN_OUTER_PAD),
+            nn.Conv2d(width, channels, GEN_OUTER_KERNEL),
+            nn.Tanh(),
+        ]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        multiple = GEN_STRIDE**GEN_DOWNSAMPLINGS
+        padded_h = max(GEN_MIN_SIDE, math.ceil(height / multiple) * multiple)
+        padded_w = max(GEN_MIN_SIDE, math.ceil(width / multiple) * multiple)
+        out = self.model(_pad_to(x, padded_h, padded_w))
+        return out[..., :height, :width]
+
+
+def _disc_out_side(side: int, disc_layers: int) -> int:
+    """Side of the PatchGAN's output map for an input of ``side`` pixels."""
+    for _ in range(disc_layers):
+        side = (side + 2 * DISC_PADDING - DISC_KERNEL) // DISC_STRIDE + 1
+    for _ in range(2):  # the two stride-1 layers
+        side = side + 2 * DISC_PADDING - DISC_KERNEL + 1
+    return side
+
+
+def disc_min_side(disc_layers: int) -> int:
+    """Smallest input side for which a PatchGAN with ``disc_layers`` gives a >= 1x1 map."""
+    side = 1
+    while _disc_out_side(side, disc_layers) < 1:
+        side += 1
+    return side
+
+
+class PatchDiscriminator(nn.Module):
+    """The PatchGAN of Table 17: conv4 s2 + LeakyReLU, ``disc_layers - 1`` x (conv4 s2, IN,
+    LeakyReLU) doubling the width up to ``8 * ndf``, conv4 s1 + IN + LeakyReLU, conv4 s1 -> 1.
+
+    With ``disc_layers=3`` and ``ndf=64`` this is the 70x70 PatchGAN (c64, c128, c256, c512, 1).
+    It outputs one LSGAN score per patch (no activation). Inputs smaller than
+    :func:`disc_min_side` (24 px for three layers) are padded up to it so that a map of at least
+    1x1 comes out; 28x28 needs no padding.
+    """
+
+    def __init__(self, channels: int, ndf: int, disc_layers: int) -> None:
+        super().__init__()
+        self.min_side = disc_min_side(disc_layers)
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, ndf, DISC_KERNEL, stride=DISC_STRIDE, padding=DISC_PADDING),
+            nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+        ]
+        width = ndf
+        for n in range(1, disc_layers + 1):
+            out = ndf * min(2**n, DISC_MAX_WIDTH_MULT)
+            stride = DISC_STRIDE if n < disc_layers else 1
+            layers += [
+                nn.Conv2d(width, out, DISC_KERNEL, stride=stride, padding=DISC_PADDING),
+                nn.InstanceNorm2d(out),
+                nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
+            ]
+            width = out
+        layers.append(nn.Conv2d(width, 1, DISC_KERNEL, stride=1, padding=DISC_PADDING))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        x = _pad_to(x, max(height, self.min_side), max(width, self.min_side))
+        return self.model(x)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference init: conv weights ~ N(0, 0.02), biases 0 (InstanceNorm has no weights)."""
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        nn.init.normal_(module.weight, 0.0, INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_cyclegan_nets(profile: CycleGANProfile, channels: int) -> dict[str, nn.Module]:
+    """The four nets of a CycleGAN for ``channels``-channel images, keyed by :data:`NET_NAMES`.
+
+    Initialisation draws from torch's global RNG: seed it first for reproducible weights.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be positive, got {channels}")
+    nets: dict[str, nn.Module] = {
+        "G_AB": ResnetGenerator(channels, profile.ngf, profile.n_blocks),
+        "G_BA": ResnetGenerator(channels, profile.ngf, profile.n_blocks),
+        "D_A": PatchDiscriminator(channels, profile.ndf, profile.disc_layers),
+        "D_B": PatchDiscriminator(channels, profile.ndf, profile.disc_layers),
+    }
+    for net in nets.values():
+        net.apply(init_weights)
+    return nets

@@ -1,0 +1,1 @@
+"""The post-deployment repair stage (sec. 3.3): CycleGAN trigger learning and the treatment set."""

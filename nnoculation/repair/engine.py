@@ -1,0 +1,270 @@
+"""The post-deployment repair (sec. 3.3): a function from (deployment bundle, quarantine,
+config) to repaired nets ready to publish, or a refusal with its reason.
+
+1. poison(x) is learned from domain A (``domain_a_size`` clean validation images, 500 by
+   default, sec. 4.2.2) and domain B (the quarantine) with the chosen repair profile;
+2. the *treatment set* is poison(validation) labelled with the validation labels;
+3. BadNet and GoodNet are fine-tuned on treatment U clean validation;
+4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
+   deployment's baseline (the original BadNet's hold-out CA), else nothing is published.
+
+The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
+theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid
+
+from models.bundle import Bundle, Manifest, write_bundle
+from models.nets import Net
+from nnoculation.attacks import AttackSpec
+from nnoculation.data.imageset import ImageSet
+from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
+from nnoculation.pipeline import VALIDATION_GROUP
+from nnoculation.predeploy import DEFAULT_THETA
+from nnoculation.repair.reverse import PoisonModel, fit_poison
+from nnoculation.training import Optimizer, TrainConfig, train
+
+DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
+DEFAULT_FINETUNE_EPOCHS = 3
+SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
+SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
+TRIGGER_MODEL_GROUP = "trigger_model"
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """Everything that defines a repair; serialised into the new bundle's provenance."""
+
+    profile: str = "cpu"
+    domain_a_size: int = DEFAULT_DOMAIN_A_SIZE
+    finetune_epochs: int = DEFAULT_FINETUNE_EPOCHS
+    finetune_lr: float | None = None  # default: the BadNet's original lr (alpha0)
+    optimizer: Optimizer | None = None  # default: the BadNet's optimizer
+    batch_size: int = 64
+    theta: float | None = None  # default: the theta the deployment was made with
+    seed: int = 0
+    cyclegan_epochs: int | None = None  # override the profile's epochs
+    time_budget_s: float | None = None  # CycleGAN wall-time budget
+    checkpoint_dir: str | None = None  # CycleGAN checkpoints (resume after interruption)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RepairOutcome:
+    """Repaired nets and everything the report needs; ``published`` says if the gate passed."""
+
+    passed_gate: bool
+    reason: str | None
+    badnet: Net
+    goodnet: Net
+    poison: PoisonModel
+    config: RepairConfig
+    holdout: dict[str, float]
+    seconds: dict[str, float]
+    quarantine_sha256: str
+    quarantine_size: int
+    samples_png: bytes
+    evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "passed_gate": self.passed_gate,
+            "reason": self.reason,
+            "config": self.config.to_dict(),
+            "trigger_model": self.poison.report(),
+            "holdout_ca": self.holdout,
+            "seconds": self.seconds,
+            "quarantine": {"size": self.quarantine_size, "sha256": self.quarantine_sha256},
+            "evaluation": {
+                stage: {role: ev.to_dict() for role, ev in nets.items()}
+                for stage, nets in self.evaluation.items()
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Validation:
+    retrain: ImageSet
+    holdout: ImageSet
+
+
+def bundle_validation(bundle: Bundle) -> Validation:
+    """The defender's validation set stored in a deployment bundle."""
+    t = bundle.tensors(VALIDATION_GROUP)
+    names = tuple(bundle.class_names)
+    return Validation(
+        ImageSet(t["retrain_images"], t["retrain_labels"], names),
+        ImageSet(t["holdout_images"], t["holdout_labels"], names),
+    )
+
+
+def sample_grid(clean: torch.Tensor, poisoned: torch.Tensor, quarantine: torch.Tensor) -> bytes:
+    """PNG: a row of clean images, their poison(x), and a row of quarantined images."""
+    from PIL import Image
+
+    n = min(SAMPLE_COUNT, clean.shape[0], quarantine.shape[0])
+    rows = torch.cat([clean[:n], poisoned[:n], quarantine[:n]]).to(torch.float32) / 255.0
+    grid = make_grid(rows, nrow=n, padding=2, pad_value=1.0)
+    array = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array if array.shape[2] == 3 else array[:, :, 0])
+    image = image.resize((image.width * SAMPLE_SCALE, image.height * SAMPLE_SCALE), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _settings(bundle: Bundle, cfg: RepairConfig) -> tuple[float, Optimizer, float, float]:
+    prov = bundle.manifest.provenance.get("predeploy", {})
+    lr = cfg.finetune_lr or float(prov.get("alpha0", 1e-3))
+    optimizer: Optimizer = cfg.optimizer or prov.get("optimizer", "adam")
+    theta = cfg.theta if cfg.theta is not None else float(prov.get("theta", DEFAULT_THETA))
+    baseline = bundle.manifest.metrics.get("baseline_holdout_ca")
+    if baseline is None:
+        raise ValueError(
+            f"bundle {bundle.path} records no baseline_holdout_ca; is it a deployment?"
+        )
+    return lr, optimizer, theta, float(baseline)
+
+
+def repair(
+    bundle: Bundle,
+    quarantine: torch.Tensor,
+    cfg: RepairConfig,
+    *,
+    test: ImageSet | None = None,
+    attack: AttackSpec | None = None,
+    progress: bool = True,
+) -> RepairOutcome:
+    """Learn the trigger from ``quarantine``, fine-tune both nets, apply the gate.
+
+    ``test`` / ``attack`` are for evaluation only (CA / ASR before and after); they never
+    influence the repair.
+    """
+    bundle.spec.check(quarantine)
+    lr, optimizer, theta, baseline = _settings(bundle, cfg)
+    val = bundle_validation(bundle)
+    badnet, goodnet = bundle.net("badnet"), bundle.net("goodnet")
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(val.retrain), generator=g)[: cfg.domain_a_size]
+    domain_a = val.retrain.images[pick]
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    poison = fit_poison(
+        cfg.profile,
+        domain_a,
+        quarantine,
+        seed=cfg.seed,
+        checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+        time_budget_s=cfg.time_budget_s,
+        epochs=cfg.cyclegan_epochs,
+        progress=progress,
+    )
+    seconds["trigger_model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    treatment = val.retrain.with_images(poison.apply(val.retrain.images))
+    training_set = ImageSet.concat([treatment, val.retrain])
+    seconds["treatment"] = time.perf_counter() - t0
+    recipe = TrainConfig(
+        epochs=cfg.finetune_epochs,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        seed=cfg.seed,
+    )
+    t0 = time.perf_counter()
+    repaired = {}
+    for role, net in (("badnet", badnet), ("goodnet", goodnet)):
+        copy = net.clone()
+        train(copy, training_set, recipe, desc=f"fine-tune {role}", progress=progress)
+        repaired[role] = copy
+    seconds["finetune"] = time.perf_counter() - t0
+    holdout = {
+        "baseline": baseline,
+        "badnet_before": clean_accuracy(badnet, val.holdout),
+        "goodnet_before": clean_accuracy(goodnet, val.holdout),
+        "badnet_after": clean_accuracy(repaired["badnet"], val.holdout),
+        "goodnet_after": clean_accuracy(repaired["goodnet"], val.holdout),
+    }
+    failing = [r for r in ("badnet", "goodnet") if holdout[f"{r}_after"] < baseline - theta]
+    reason = None
+    if failing:
+        reason = "; ".join(
+            f"repaired {r} hold-out CA {holdout[f'{r}_after']:.2%} is below the baseline "
+            f"{baseline:.2%} minus theta {theta:.0%}"
+            for r in failing
+        )
+    outcome = RepairOutcome(
+        passed_gate=not failing,
+        reason=reason,
+        badnet=repaired["badnet"],
+        goodnet=repaired["goodnet"],
+        poison=poison,
+        config=cfg,
+        holdout=holdout,
+        seconds=seconds,
+        quarantine_sha256=hashlib.sha256(quarantine.numpy().tobytes()).hexdigest(),
+        quarantine_size=int(quarantine.shape[0]),
+        samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), quarantine),
+    )
+    if test is not None:
+        outcome.evaluation = {
+            "before": {
+                "badnet": evaluate(badnet, test, attack),
+                "goodnet": evaluate(goodnet, test, attack),
+            },
+            "after": {
+                "badnet": evaluate(repaired["badnet"], test, attack),
+                "goodnet": evaluate(repaired["goodnet"], test, attack),
+            },
+        }
+    return outcome
+
+
+def write_repaired_bundle(
+    outcome: RepairOutcome, parent: Bundle, directory: Path, version: str
+) -> Manifest:
+    """Write the repaired deployment (a new version whose parent is ``parent``) into
+    ``directory``; matches :meth:`models.store.ModelStore.publish`'s ``build`` signature once
+    ``outcome`` and ``parent`` are bound. Refuses an outcome that failed the gate."""
+    import json
+
+    if not outcome.passed_gate:
+        raise ValueError(f"refusing to publish a repair that failed the gate: {outcome.reason}")
+    manifest = parent.manifest
+    report = outcome.report()
+    provenance = dict(manifest.provenance)
+    provenance["repairs"] = [*provenance.get("repairs", []), {"parent": manifest.version, **report}]
+    metrics = dict(manifest.metrics)
+    metrics["goodnet_holdout_ca"] = outcome.holdout["goodnet_after"]
+    metrics["badnet_holdout_ca"] = outcome.holdout["badnet_after"]
+    return write_bundle(
+        directory,
+        name=manifest.name,
+        version=version,
+        parent=manifest.version,
+        spec=parent.spec,
+        class_names=list(parent.class_names),
+        nets={"badnet": outcome.badnet, "goodnet": outcome.goodnet},
+        tensors={
+            VALIDATION_GROUP: parent.tensors(VALIDATION_GROUP),
+            TRIGGER_MODEL_GROUP: outcome.poison.state(),
+        },
+        metrics=metrics,
+        provenance=provenance,
+        extra_files={
+            "repair_report.json": (json.dumps(report, indent=2) + "\n").encode(),
+            "repair_samples.png": outcome.samples_png,
+        },
+    )

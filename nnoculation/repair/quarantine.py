@@ -1,0 +1,78 @@
+"""Quarantine sources: the suspect inputs a repair learns the trigger from (domain B).
+
+Today they come from a ``.npz`` (as written by ``nnoculation stream``) or a folder of image
+files; the online service's Redis quarantine hands the same uint8 tensor to the same repair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.spec import InputSpec
+from nnoculation.data.sources import IMAGE_SUFFIXES, DataNotFoundError
+
+
+class QuarantineError(ValueError):
+    """The quarantine cannot be used with this bundle (wrong shape, empty, unreadable)."""
+
+
+def _check(images: torch.Tensor, spec: InputSpec, source: str) -> torch.Tensor:
+    if images.shape[0] == 0:
+        raise QuarantineError(f"{source}: the quarantine is empty")
+    if tuple(images.shape[1:]) != spec.shape:
+        raise QuarantineError(
+            f"{source}: quarantined images are {list(images.shape[1:])} (C, H, W) but the "
+            f"bundle's nets take {list(spec.shape)}"
+        )
+    return images
+
+
+def quarantine_from_npz(path: Path, spec: InputSpec) -> torch.Tensor:
+    """``images`` of a ``.npz`` (uint8, NHWC, NHW or NCHW) as ``[N, C, H, W]``."""
+    with np.load(path, allow_pickle=False) as data:
+        if "images" not in data.files:
+            raise QuarantineError(f"{path}: no 'images' array (has {data.files})")
+        array = data["images"]
+    if array.dtype != np.uint8:
+        raise QuarantineError(f"{path}: images must be uint8, got {array.dtype}")
+    if array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and array.shape[-1] == spec.channels and array.shape[1] != spec.channels:
+        array = array.transpose(0, 3, 1, 2)
+    return _check(torch.from_numpy(np.ascontiguousarray(array)), spec, str(path))
+
+
+def quarantine_from_folder(path: Path, spec: InputSpec) -> torch.Tensor:
+    """Every image file under ``path`` (recursively), converted to the bundle's channels and
+    resized to its input size (the service stores preprocessed images, so this only matters
+    for images collected elsewhere)."""
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    mode = "L" if spec.channels == 1 else "RGB"
+    arrays = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert(mode)
+            if im.size != (spec.width, spec.height):
+                im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(im))
+    if not arrays:
+        raise QuarantineError(f"{path}: no image files found")
+    stacked = np.stack(arrays)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+    return _check(torch.from_numpy(np.ascontiguousarray(stacked)), spec, str(path))
+
+
+def load_quarantine(path: Path | str, spec: InputSpec) -> torch.Tensor:
+    """Quarantined images as uint8 ``[N, C, H, W]`` from a ``.npz`` file or an image folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DataNotFoundError(f"no such quarantine: {path}")
+    if path.is_dir():
+        return quarantine_from_folder(path, spec)
+    if path.suffix == ".npz":
+        return quarantine_from_npz(path, spec)
+    raise QuarantineError(f"{path}: a quarantine is a .npz file or a folder of images")
