@@ -1,8 +1,8 @@
 """Write a standalone bundle directory atomically (temp dir, fsync, rename).
 
 Versioned deployments go through :class:`models.store.ModelStore`; this is for the single
-bundles the CLI writes into an output folder (a BadNet, a deployment candidate). An
-interrupted write leaves the previous bundle, or nothing, never half a bundle.
+bundles the CLI writes into an output folder (a BadNet, a deployment, a repaired deployment).
+An interrupted write leaves the previous bundle, or nothing, never half a bundle.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,28 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def write_bundle_dir_with(target: Path, build: Callable[[Path], Manifest]) -> Manifest:
+    """Let ``build`` write a bundle into a temp dir beside ``target``, then swap it in."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = build(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bundle_dir(
     target: Path,
     *,
@@ -47,12 +70,9 @@ def write_bundle_dir(
     if not nets:
         raise ValueError("a bundle needs at least one net")
     spec = next(iter(nets.values())).spec
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        manifest = write_bundle(
+    return write_bundle_dir_with(
+        target,
+        lambda tmp: write_bundle(
             tmp,
             name=name,
             version=version,
@@ -64,16 +84,5 @@ def write_bundle_dir(
             metrics=metrics or {},
             provenance=provenance or {},
             extra_files=extra_files,
-        )
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return manifest
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        ),
+    )

@@ -1,7 +1,8 @@
 """``nnoculation`` command line: parse, call the library, report. No logic lives here.
 
 Exit codes: 0 success, 2 usage error, 3 no GoodNet within theta, 4 bad input (missing data,
-refused or corrupt model file).
+refused or corrupt model file, unusable quarantine), 5 a repair failed the validation gate
+(nothing published).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from models.bundle import BundleIntegrityError, load_bundle
+from models.bundle import Bundle, BundleIntegrityError, load_bundle
 from models.classifiers import ARCHITECTURES
 from models.importing import UnsafeModelError, import_net
 from models.nets import Net
 from models.spec import InputSpec
+from models.store import format_version, version_number
 from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
+from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.sources import DATASETS, DataNotFoundError
-from nnoculation.pipeline import predeploy_to_dir
+from nnoculation.ensemble import Ensemble
+from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
 from nnoculation.predeploy import (
     DEFAULT_ALPHA_MULTIPLES,
     DEFAULT_GAMMAS,
@@ -29,11 +33,21 @@ from nnoculation.predeploy import (
     PredeployConfig,
 )
 from nnoculation.recipes import Recipe, default_recipe
+from nnoculation.repair.engine import RepairConfig, repair, repair_summary, write_repaired_bundle
+from nnoculation.repair.quarantine import QuarantineError, load_quarantine
+from nnoculation.repair.reverse import repair_profiles
 from nnoculation.reports import pct
 from nnoculation.runtime import configure_threads
+from nnoculation.stream import (
+    DEFAULT_POISON_RATIO,
+    DEFAULT_QUARANTINE_SIZE,
+    StreamConfig,
+    simulate_stream,
+)
 
 EXIT_NO_GOODNET = 3
 EXIT_BAD_INPUT = 4
+EXIT_GATE_FAILED = 5
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -135,6 +149,90 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
     return 0 if outcome.result.goodnet is not None else EXIT_NO_GOODNET
 
 
+def _deployment(path: str) -> Bundle:
+    base = Path(path)
+    if (base / DEPLOYMENT_DIR / "manifest.json").exists():
+        base = base / DEPLOYMENT_DIR
+    return load_bundle(base)
+
+
+def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
+    source = bundle.manifest.provenance.get("source", {})
+    if "recipe" in source:
+        return Recipe.from_dict(source["recipe"])
+    return default_recipe(dataset or "fashion-mnist")
+
+
+def _attack_arg(path: str | None, bundle: Bundle) -> AttackSpec | None:
+    if path:
+        return attack_from_dict(json.loads(Path(path).read_text()))
+    return None
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    bundle = _deployment(args.bundle)
+    attack = _attack_arg(args.attack_spec, bundle)
+    if attack is None:
+        raise SystemExit("stream needs --attack-spec: the attacker's side of the simulation")
+    splits = load_splits(_bundle_recipe(bundle, args.dataset))
+    cfg = StreamConfig(
+        poison_ratio=args.poison_ratio,
+        quarantine_size=args.n,
+        triggers=tuple(args.triggers.split(",")) if args.triggers else None,
+        seed=args.seed,
+    )
+    ensemble = Ensemble(bundle.net("badnet"), bundle.net("goodnet"))
+    result = simulate_stream(ensemble, splits.stream, attack, cfg)
+    result.save_npz(Path(args.out))
+    s = result.summary()
+    print(f"quarantine written to {args.out}: {s['quarantined']} inputs")
+    print(f"  precision {pct(s['precision'])} %   recall {pct(s['recall'])} %")
+    caught = s["caught_n_after_inputs"]
+    print(
+        f"  N={args.n} caught after {caught} stream inputs"
+        if caught
+        else "  stream ran out before N"
+    )
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    bundle = _deployment(args.bundle)
+    quarantine = load_quarantine(args.quarantine, bundle.spec)
+    attack = _attack_arg(args.attack_spec, bundle)
+    test = load_splits(_bundle_recipe(bundle, None)).test if attack is not None else None
+    cfg = RepairConfig(
+        profile=args.profile,
+        domain_a_size=args.domain_a_size,
+        finetune_epochs=args.finetune_epochs,
+        finetune_lr=args.finetune_lr,
+        theta=args.theta,
+        seed=args.seed,
+        cyclegan_epochs=args.epochs,
+        time_budget_s=args.time_budget,
+        checkpoint_dir=args.checkpoint_dir,
+    )
+    outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = outcome.report()
+    (out / "repair_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "repair_samples.png").write_bytes(outcome.samples_png)
+    print(repair_summary(outcome))
+    if not outcome.passed_gate:
+        print(f"validation gate failed, nothing published: {outcome.reason}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    version = format_version(version_number(bundle.manifest.version) + 1)
+    write_bundle_dir_with(
+        out / DEPLOYMENT_DIR, lambda d: write_repaired_bundle(outcome, bundle, d, version)
+    )
+    print(
+        f"repaired deployment {version} (parent {bundle.manifest.version}) "
+        f"written to {out / DEPLOYMENT_DIR}"
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     registry = {"attacks": ATTACKS, "architectures": ARCHITECTURES, "datasets": DATASETS}[args.kind]
     print("\n".join(registry.names()))
@@ -191,6 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_predeploy)
 
+    p = sub.add_parser("stream", help="simulate deployment: fill the quarantine (sec. 3.3)")
+    p.add_argument("--bundle", required=True, help="deployment bundle (or predeploy output dir)")
+    p.add_argument("--attack-spec", help="attack.json: how the attacker poisons the stream")
+    p.add_argument("--poison-ratio", type=float, default=DEFAULT_POISON_RATIO)
+    p.add_argument("--n", type=int, default=DEFAULT_QUARANTINE_SIZE, help="quarantine size N")
+    p.add_argument("--triggers", help="comma-separated trigger names in use (default: all)")
+    p.add_argument("--dataset", help="stream pool data set (default: the bundle's recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="quarantine .npz to write")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("repair", help="post-deployment repair from a quarantine (sec. 3.3)")
+    p.add_argument("--bundle", required=True, help="deployment bundle (or predeploy output dir)")
+    p.add_argument("--quarantine", required=True, help=".npz or folder of quarantined images")
+    p.add_argument("--profile", default=RepairConfig.profile, choices=repair_profiles())
+    p.add_argument("--epochs", type=int, help="CycleGAN epochs (default: the profile's)")
+    p.add_argument("--finetune-epochs", type=int, default=RepairConfig.finetune_epochs)
+    p.add_argument("--finetune-lr", type=float, help="default: the BadNet's original lr")
+    p.add_argument("--domain-a-size", type=int, default=RepairConfig.domain_a_size)
+    p.add_argument("--theta", type=float, help="gate tolerance (default: the deployment's)")
+    p.add_argument("--time-budget", type=float, help="CycleGAN wall-time budget in seconds")
+    p.add_argument("--checkpoint-dir", help="CycleGAN checkpoints; an interrupted run resumes")
+    p.add_argument("--attack-spec", help="attack.json to measure ASR before/after (evaluation)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_repair)
+
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
     p.add_argument("kind", choices=["attacks", "architectures", "datasets"])
     p.set_defaults(func=cmd_list)
@@ -202,7 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_threads(args.threads)
     try:
         return int(args.func(args))
-    except (DataNotFoundError, UnsafeModelError, BundleIntegrityError, FileNotFoundError) as err:
+    except (
+        DataNotFoundError,
+        UnsafeModelError,
+        BundleIntegrityError,
+        QuarantineError,
+        FileNotFoundError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -38,3 +38,7 @@ class Ensemble:
         bad = self.badnet.predict(images)
         good = self.goodnet.predict(images)
         return EnsembleOutput(labels=good, badnet_labels=bad, goodnet_labels=good)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """The ensemble's answers, so it can be measured like a single net."""
+        return self.classify(images).labels

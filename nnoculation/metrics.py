@@ -9,18 +9,23 @@ target label to those triggered images anyway. No ASR is reported without its fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from models.nets import Net
 from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
 
 EVAL_SEED = 1234  # fixes the variable-location placements of triggered test images
 
 
-def clean_accuracy(net: Net, data: ImageSet) -> float:
+class Predictor(Protocol):
+    """Anything that labels uint8 images: a :class:`models.nets.Net` or the ensemble."""
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def clean_accuracy(net: Predictor, data: ImageSet) -> float:
     """Share of ``data`` that ``net`` labels correctly."""
     if len(data) == 0:
         raise ValueError("cannot measure accuracy on an empty set")
@@ -47,7 +52,7 @@ def triggered_sets(
     return out
 
 
-def target_rate(net: Net, triggered: TriggeredSet) -> float:
+def target_rate(net: Predictor, triggered: TriggeredSet) -> float:
     """Share of the triggered images that ``net`` labels with the attacker's target."""
     if triggered.targets.numel() == 0:
         return 0.0
@@ -70,7 +75,7 @@ class Evaluation:
 
 
 def evaluate(
-    net: Net, test: ImageSet, spec: AttackSpec | None = None, seed: int = EVAL_SEED
+    net: Predictor, test: ImageSet, spec: AttackSpec | None = None, seed: int = EVAL_SEED
 ) -> Evaluation:
     """CA on ``test`` and, when an attack spec is given, ASR of each trigger and control."""
     ca = clean_accuracy(net, test)

@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine description, the command line, writing results."""
+"""What every benchmark shares: the machine description and writing results."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def load_entries(path: Path) -> list[dict[str, Any]]:
+    """Entries of an earlier results file (empty when there is none)."""
+    if not path.exists():
+        return []
+    return list(json.loads(path.read_text()).get("entries", []))
 
 
 def write_results(

@@ -125,6 +125,11 @@ def sample_grid(clean: torch.Tensor, poisoned: torch.Tensor, quarantine: torch.T
     return buf.getvalue()
 
 
+def make_treatment(poison: PoisonModel, validation: ImageSet) -> ImageSet:
+    """The treatment set D_treat = poison(D_valid) with the validation (true) labels, sec. 3.3."""
+    return validation.with_images(poison.apply(validation.images))
+
+
 def _settings(bundle: Bundle, cfg: RepairConfig) -> tuple[float, Optimizer, float, float]:
     prov = bundle.manifest.provenance.get("predeploy", {})
     lr = cfg.finetune_lr or float(prov.get("alpha0", 1e-3))
@@ -173,8 +178,7 @@ def repair(
     )
     seconds["trigger_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    treatment = val.retrain.with_images(poison.apply(val.retrain.images))
-    training_set = ImageSet.concat([treatment, val.retrain])
+    training_set = ImageSet.concat([make_treatment(poison, val.retrain), val.retrain])
     seconds["treatment"] = time.perf_counter() - t0
     recipe = TrainConfig(
         epochs=cfg.finetune_epochs,
@@ -268,3 +272,20 @@ def write_repaired_bundle(
             "repair_samples.png": outcome.samples_png,
         },
     )
+
+
+def repair_summary(outcome: RepairOutcome) -> str:
+    """A few lines for people: gate verdict, hold-out CA, seconds per stage, ASR if measured."""
+    h = outcome.holdout
+    lines = [
+        f"repair with profile {outcome.config.profile!r}: "
+        + ("passed the validation gate" if outcome.passed_gate else "FAILED the validation gate"),
+        f"  hold-out CA: baseline {h['baseline']:.2%}; BadNet {h['badnet_before']:.2%} -> "
+        f"{h['badnet_after']:.2%}; GoodNet {h['goodnet_before']:.2%} -> {h['goodnet_after']:.2%}",
+        "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in outcome.seconds.items()),
+    ]
+    for stage, nets in outcome.evaluation.items():
+        for role, ev in nets.items():
+            asr = ", ".join(f"{k} {v:.1%}" for k, v in ev.asr.items())
+            lines.append(f"  test {stage:6s} {role:7s}: CA {ev.ca:.2%}  ASR {asr}")
+    return "\n".join(lines)

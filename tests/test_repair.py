@@ -1,0 +1,124 @@
+"""The repair engine: treatment labels, the validation gate, publishing a new version, and a
+CycleGAN repair that is killed mid-training and resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import load_bundle, verify_bundle
+from models.nets import Net
+from nnoculation.cli import EXIT_GATE_FAILED, main
+from nnoculation.metrics import evaluate
+from nnoculation.repair.engine import (
+    TRIGGER_MODEL_GROUP,
+    RepairConfig,
+    make_treatment,
+    repair,
+    write_repaired_bundle,
+)
+from nnoculation.repair.quarantine import QuarantineError
+from nnoculation.repair.reverse import MEAN_DIFF, fit_poison
+from tests.conftest import synthetic_set
+from tests.deployment_fixtures import make_deployment, triggered
+
+QUARANTINE_SIZE = 60
+
+
+def _quarantine(attack, path: Path | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    images = triggered(attack, synthetic_set(QUARANTINE_SIZE, seed=21).images)
+    if path is not None:
+        np.savez(path, images=images.permute(0, 2, 3, 1).numpy())
+    return images
+
+
+def test_treatment_is_poisoned_validation_with_true_labels() -> None:
+    clean = synthetic_set(40, seed=1)
+    poison = fit_poison(MEAN_DIFF, clean.images, clean.images.flip(-1))
+    treatment = make_treatment(poison, clean)
+    assert torch.equal(treatment.labels, clean.labels)
+    assert torch.equal(treatment.images, poison.apply(clean.images))
+    assert not torch.equal(treatment.images, clean.images)
+
+
+def test_repair_unlearns_a_fixed_patch_and_publishes_a_child_version(
+    tiny_net: Net, tmp_path: Path
+) -> None:
+    path, attack, test = make_deployment(tiny_net, tmp_path)
+    bundle = load_bundle(path)
+    before = evaluate(bundle.net("badnet"), test, attack).asr["patch"]
+    cfg = RepairConfig(profile=MEAN_DIFF, finetune_epochs=4, theta=0.1)
+    outcome = repair(bundle, _quarantine(attack), cfg, test=test, attack=attack, progress=False)
+    assert outcome.passed_gate, outcome.reason
+    after = outcome.evaluation["after"]["badnet"].asr["patch"]
+    assert before > 0.5 and after < before / 2, (before, after)
+    manifest = write_repaired_bundle(outcome, bundle, tmp_path / "v2", "v0002")
+    assert manifest.parent == "v0001" and manifest.version == "v0002"
+    verify_bundle(tmp_path / "v2")
+    child = load_bundle(tmp_path / "v2")
+    assert "delta" in child.tensors(TRIGGER_MODEL_GROUP)
+    assert child.manifest.provenance["repairs"][0]["parent"] == "v0001"
+    assert (tmp_path / "v2" / "repair_samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> None:
+    path, attack, _ = make_deployment(tiny_net, tmp_path)
+    q = tmp_path / "q.npz"
+    _quarantine(attack, q)
+    out = tmp_path / "out"
+    argv = ["repair", "--bundle", str(path), "--quarantine", str(q), "--profile", MEAN_DIFF,
+            "--finetune-lr", "5.0", "--theta", "0.02", "--out", str(out)]  # fmt: skip
+    assert main(argv) == EXIT_GATE_FAILED
+    assert not (out / "bundle").exists(), "a gated repair must publish nothing"
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["passed_gate"] is False and "below the baseline" in report["reason"]
+    bundle = load_bundle(path)
+    with pytest.raises(ValueError, match="failed the gate"):
+        outcome = repair(bundle, _quarantine(attack), RepairConfig(profile=MEAN_DIFF,
+                         finetune_lr=5.0, theta=0.02), progress=False)  # fmt: skip
+        write_repaired_bundle(outcome, bundle, tmp_path / "never", "v0002")
+    assert not (tmp_path / "never").exists()
+
+
+def test_quarantine_of_the_wrong_shape_is_refused(tiny_net: Net, tmp_path: Path) -> None:
+    path, _, _ = make_deployment(tiny_net, tmp_path)
+    np.savez(tmp_path / "q.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
+    with pytest.raises(QuarantineError):
+        main(["repair", "--bundle", str(path), "--quarantine", str(tmp_path / "q.npz"),
+              "--out", str(tmp_path / "o")])  # fmt: skip
+
+
+def test_killed_repair_resumes_from_its_checkpoint(tiny_net: Net, tmp_path: Path) -> None:
+    path, attack, _ = make_deployment(tiny_net, tmp_path)
+    q = tmp_path / "q.npz"
+    _quarantine(attack, q)
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "nnoculation.cli", "--threads", "1", "repair",
+           "--bundle", str(path), "--quarantine", str(q), "--profile", "test", "--epochs", "12",
+           "--checkpoint-dir", str(ckpt), "--theta", "0.5",
+           "--out", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (ckpt / "cyclegan.pt").exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out" / "bundle").exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "repair_report.json").read_text())
+    resumed = report["trigger_model"]["resumed_from_epoch"]
+    assert resumed is not None and 1 <= resumed < 12
+    assert report["trigger_model"]["epochs_done"] == 12
+    verify_bundle(tmp_path / "out" / "bundle")
