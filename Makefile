@@ -10,7 +10,8 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
-.PHONY: setup data demo test test-fast lint results-attacks results-predeploy results clean
+.PHONY: setup data demo test test-fast lint results-attacks results-predeploy results-repair \
+	results-sequential results clean
 
 setup: $(STAMP)
 
@@ -49,7 +50,14 @@ results-attacks: setup data
 results-predeploy: setup data
 	$(PY) -m nnoculation.benchmarks.predeploy --out docs/results
 
-results: results-attacks results-predeploy
+# Needs the BadNets of results-attacks and the deployments of results-predeploy (made when missing).
+results-repair: setup data
+	$(PY) -m nnoculation.benchmarks.repair --out docs/results
+
+results-sequential: setup data
+	$(PY) -m nnoculation.benchmarks.repair --sequential --out docs/results
+
+results: results-attacks results-predeploy results-repair results-sequential
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -45,6 +45,11 @@ from nnoculation.stream import (
     simulate_stream,
 )
 
+
+class InputError(Exception):
+    """Something the user passed cannot be used; the message says what and why."""
+
+
 EXIT_NO_GOODNET = 3
 EXIT_BAD_INPUT = 4
 EXIT_GATE_FAILED = 5
@@ -114,7 +119,14 @@ def _load_badnet(
     splits = load_splits(recipe)
     c, h, w = splits.retrain.shape
     spec = InputSpec(c, h, w, tuple(args.mean), tuple(args.std))
-    net = import_net(path, spec, splits.retrain.num_classes, arch=args.arch)
+    try:
+        net = import_net(
+            path, spec, splits.retrain.num_classes, arch=args.arch, arch_kwargs=args.arch_kwargs
+        )
+    except (UnsafeModelError, FileNotFoundError):
+        raise
+    except (ValueError, KeyError) as err:  # wrong architecture, shapes or file type
+        raise InputError(f"cannot import {path}: {err}") from err
     return net, recipe, None, None
 
 
@@ -265,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", choices=ARCHITECTURES.names(), help="architecture of an imported state dict"
     )
     p.add_argument(
+        "--arch-kwargs",
+        type=json.loads,
+        help="JSON keyword arguments of the architecture, e.g. '{\"width\": 16}'",
+    )
+    p.add_argument(
         "--mean", type=_floats, default=(0.0,), help="input normalisation of an imported net"
     )
     p.add_argument(
@@ -333,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         BundleIntegrityError,
         QuarantineError,
         FileNotFoundError,
+        InputError,
     ) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

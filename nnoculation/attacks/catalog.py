@@ -55,6 +55,8 @@ def _multi_triggers(targets: tuple[int, ...], num_classes: int) -> tuple[Trigger
 
 CLA_AMPLITUDE = 64.0  # grey levels of the clean-label noise pattern
 
+AAA_POISON_RATE = 0.2
+
 
 @ATTACKS.register("patch")
 def patch(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
@@ -79,7 +81,14 @@ def all_to_all(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
     """All-to-all attack y -> y + 1 with a pixel pattern (sec. 4.1, BadNet-AAA)."""
     _check(num_classes, shape)
     trigger = Trigger("pattern", "pattern", {}, TargetRule.all_to_all(AAA_SHIFT))
-    return AttackSpec("all-to-all", "Pixel pattern, y -> y + 1 (sec. 4.1, AAA)", (trigger,))
+    # One trigger, ten different targets: at the default 10 % poisoning the ASR reached only
+    # 87 % in 4 epochs, so the all-to-all attacker poisons twice as much.
+    return AttackSpec(
+        "all-to-all",
+        "Pixel pattern, y -> y + 1 (sec. 4.1, AAA)",
+        (trigger,),
+        poison_rate=AAA_POISON_RATE,
+    )
 
 
 @ATTACKS.register("mtsta")
