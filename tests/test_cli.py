@@ -58,8 +58,9 @@ def test_torchscript_badnet_stays_torchscript(tmp_path: Path) -> None:
 def test_missing_data_and_missing_alpha0_are_clear(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["predeploy", "--badnet", str(tmp_path / "nope.pt"), "--alpha0", "1e-3",
-                 "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == EXIT_BAD_INPUT  # fmt: skip
+    argv = ["predeploy", "--badnet", str(tmp_path / "nope.pt"), "--alpha0", "1e-3",
+            "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == EXIT_BAD_INPUT
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="alpha0"):
         main(
