@@ -30,6 +30,7 @@ from models.bundle import (
     verify_bundle,
     write_manifest,
 )
+from models.durable import fsync_path, fsync_tree
 
 DEPLOYMENT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 VERSION_PREFIX = "v"
@@ -64,22 +65,6 @@ class UnknownVersionError(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory so a rename that follows cannot outlive its contents."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(directory):
-        for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath))
 
 
 def format_version(number: int) -> str:
@@ -177,7 +162,7 @@ class ModelStore:
                     f"the store asked for {version!r} (parent {parent!r})"
                 )
             verify_bundle(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             for _attempt in range(MAX_PUBLISH_ATTEMPTS):
                 try:
                     os.rename(tmp, versions_dir / version)
@@ -190,13 +175,13 @@ class ModelStore:
                 )
                 manifest = manifest.model_copy(update={"version": version})
                 write_manifest(tmp, manifest)
-                _fsync_path(tmp)
+                fsync_path(tmp)
             else:
                 raise StoreError(f"could not allocate a version id for {deployment!r}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _fsync_path(versions_dir)
+        fsync_path(versions_dir)
         if activate:
             self.activate(deployment, version)
         return version
@@ -232,7 +217,7 @@ class ModelStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_path(deployment_dir)
+        fsync_path(deployment_dir)
 
     def rollback(self, deployment: str, version: str | None = None) -> str:
         """Activate ``version``, or else the active version's parent (else the one before it).

@@ -7,7 +7,6 @@ An interrupted write leaves the previous bundle, or nothing, never half a bundle
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -17,18 +16,10 @@ from typing import Any
 import torch
 
 from models.bundle import Manifest, write_bundle
+from models.durable import fsync_tree
 from models.nets import Net
 
 FIRST_VERSION = "v0001"
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in [*sorted(root.rglob("*")), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_bundle_dir_with(target: Path, build: Callable[[Path], Manifest]) -> Manifest:
@@ -39,7 +30,7 @@ def write_bundle_dir_with(target: Path, build: Callable[[Path], Manifest]) -> Ma
     tmp.mkdir()
     try:
         manifest = build(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"

@@ -55,6 +55,15 @@ def write_results(
     )
 
 
+def fmt(value: float | list[float] | None) -> str:
+    """A figure (or a list of per-trigger figures) for a Markdown table."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return "/".join(f"{x:.1f}" for x in value)
+    return f"{value:.1f}"
+
+
 def pct1(value: float) -> float:
     """A fraction as a percentage rounded to 0.1 (for JSON figures people read)."""
     return round(100 * value, 2)

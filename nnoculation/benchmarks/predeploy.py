@@ -17,7 +17,7 @@ from typing import Any
 from models.bundle import load_bundle
 from nnoculation.attacks import attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
-from nnoculation.benchmarks.common import RUNS_DIR, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, fmt, pct1, write_results
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
 from nnoculation.predeploy import PredeployConfig, train_cell
@@ -95,14 +95,6 @@ def run_one(
     return entry
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, list):
-        return "/".join(f"{x:.1f}" for x in v)
-    return f"{v:.1f}"
-
-
 def markdown(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
@@ -113,15 +105,15 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 e["attack"],
-                _fmt(e["badnet"]["ca"]),
-                _fmt(e["badnet"]["asr"]),
-                _fmt(e["floor"]),
+                fmt(e["badnet"]["ca"]),
+                fmt(e["badnet"]["asr"]),
+                fmt(e["floor"]),
                 f"{e['alpha']:.4g}" if e["alpha"] else "-",
                 f"{e['gamma']:.0%}" if e["gamma"] else "-",
-                _fmt(good.get("ca")),
-                _fmt(good.get("asr")),
-                _fmt(peer.get("ca")),
-                _fmt(peer.get("asr")),
+                fmt(good.get("ca")),
+                fmt(good.get("asr")),
+                fmt(peer.get("ca")),
+                fmt(peer.get("asr")),
                 str(e["cells_trained"]),
                 f"{e['seconds']:.0f}",
                 "yes" if e.get("meets_target") else "**no**",

@@ -20,7 +20,7 @@ from typing import Any
 from models.bundle import Bundle, load_bundle
 from nnoculation.attacks import AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
-from nnoculation.benchmarks.common import RUNS_DIR, load_entries, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.imageset import ImageSet
 from nnoculation.ensemble import Ensemble
@@ -143,12 +143,6 @@ def meets_target(entry: dict[str, Any], floor: dict[str, float]) -> bool:
     return bool(asr_ok and ca_ok and secs <= SECONDS_LIMIT and entry["after"]["passed_gate"])
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, list):
-        return "/".join(f"{x:.1f}" for x in v)
-    return f"{v:.1f}"
-
-
 def markdown(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
@@ -157,12 +151,12 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             [
                 e["attack"],
                 f"{e['quarantine']['precision']:.1f}/{e['quarantine']['recall']:.1f}",
-                _fmt(e["floor"]),
-                f"{_fmt(b['badnet']['ca'])} / {_fmt(b['badnet']['asr'])}",
-                f"{_fmt(b['ensemble']['ca'])} / {_fmt(b['ensemble']['asr'])}",
-                f"{_fmt(a['badnet']['ca'])} / {_fmt(a['badnet']['asr'])}",
-                f"{_fmt(a['ensemble']['ca'])} / {_fmt(a['ensemble']['asr'])}",
-                f"{_fmt(m['badnet']['asr'])} / {_fmt(m['ensemble']['asr'])}",
+                fmt(e["floor"]),
+                f"{fmt(b['badnet']['ca'])} / {fmt(b['badnet']['asr'])}",
+                f"{fmt(b['ensemble']['ca'])} / {fmt(b['ensemble']['asr'])}",
+                f"{fmt(a['badnet']['ca'])} / {fmt(a['badnet']['asr'])}",
+                f"{fmt(a['ensemble']['ca'])} / {fmt(a['ensemble']['asr'])}",
+                f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}",
                 f"{e['seconds']['cyclegan']:.0f} + {e['seconds']['finetune']:.0f}",
                 "yes" if e["meets_target"] else "**no**",
             ]
@@ -234,9 +228,9 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
     rows = [
         [
             s["stage"],
-            _fmt(s["ensemble"]["ca"]),
-            _fmt(s["ensemble"]["asr"]),
-            _fmt(s["badnet"]["asr"]),
+            fmt(s["ensemble"]["ca"]),
+            fmt(s["ensemble"]["asr"]),
+            fmt(s["badnet"]["asr"]),
         ]
         for s in stages
     ]

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.cyclegan import CycleGANProfile, build_cyclegan_nets
+from models.durable import fsync_path
 from nnoculation.runtime import default_device
 
 logger = logging.getLogger(__name__)
@@ -320,14 +321,6 @@ class _CycleGAN:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     """Write ``obj`` to ``path`` via a temp file in the same directory, fsync and rename, so an
     interrupted write never replaces the last complete checkpoint."""
@@ -342,7 +335,7 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def _load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
