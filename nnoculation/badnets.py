@@ -25,7 +25,6 @@ from nnoculation.metrics import Evaluation, evaluate
 from nnoculation.recipes import Recipe
 from nnoculation.training import train
 
-CACHE_ENV = "NNOC_CACHE"
 DEFAULT_CACHE = Path(".cache/nnoculation")
 REFERENCE_ROLE = "clean"
 BADNET_ROLE = "badnet"
@@ -58,23 +57,37 @@ def _recipe_key(recipe: Recipe) -> str:
 
 
 def reference_model(
-    recipe: Recipe, splits: Splits, cache_dir: Path, progress: bool = True
+    recipe: Recipe,
+    splits: Splits,
+    cache_dir: Path,
+    attack: AttackSpec | None = None,
+    progress: bool = True,
 ) -> tuple[Net, float]:
-    """The clean model trained with ``recipe`` on the attacker's (unpoisoned) set, cached by
-    recipe hash; returns the net and the seconds its training took."""
-    path = cache_dir / f"clean-{recipe.dataset}-{recipe.arch}-{_recipe_key(recipe)}"
+    """The clean model trained with ``recipe`` on the attacker's unpoisoned set (with the
+    attack's augmentation policy, if any: the floor compares with a model trained the same
+    way), cached by recipe and policy; returns the net and the seconds its training took."""
+    noise = attack is not None and attack.noise_train
+    key = _recipe_key(recipe) + ("-noise" if noise else "")
+    path = cache_dir / f"clean-{recipe.dataset}-{recipe.arch}-{key}"
     if (path / "manifest.json").exists():
         bundle = load_bundle(path)
         return bundle.net(REFERENCE_ROLE), float(bundle.manifest.provenance["train_seconds"])
+    data = splits.attacker
+    if attack is not None:
+        data = attack.clean_training_set(data, seed=recipe.train.seed)
     net = new_net(recipe, input_spec_for(splits), splits.attacker.num_classes)
-    stats = train(net, splits.attacker, recipe.train, desc="clean reference", progress=progress)
+    stats = train(net, data, recipe.train, desc="clean reference", progress=progress)
     write_bundle_dir(
         path,
         name=f"clean-{recipe.dataset}",
         nets={REFERENCE_ROLE: net},
         class_names=splits.attacker.class_names,
         metrics={},
-        provenance={"recipe": recipe.to_dict(), "train_seconds": stats.seconds},
+        provenance={
+            "recipe": recipe.to_dict(),
+            "noise_train": noise,
+            "train_seconds": stats.seconds,
+        },
     )
     return net, stats.seconds
 
@@ -108,6 +121,17 @@ class BadNetReport:
         }
 
 
+def badnet_is_current(out_dir: Path, attack_name: str, recipe: Recipe) -> bool:
+    """Whether ``out_dir`` holds a BadNet made with the catalog's current spec and ``recipe``,
+    so a benchmark may reuse it rather than train again."""
+    if not (out_dir / BADNET_ROLE / "manifest.json").exists():
+        return False
+    manifest = load_bundle(out_dir / BADNET_ROLE).manifest
+    current = get_attack(attack_name, manifest.num_classes, manifest.input_spec.shape)
+    prov = manifest.provenance
+    return prov.get("recipe") == recipe.to_dict() and prov.get("attack") == current.to_dict()
+
+
 def make_badnet(
     attack_name: str,
     recipe: Recipe,
@@ -127,7 +151,7 @@ def make_badnet(
     start = time.perf_counter()
     train(net, poisoned, recipe.train, desc=f"BadNet {attack_name}", progress=progress)
     seconds = time.perf_counter() - start
-    clean, clean_seconds = reference_model(recipe, splits, cache_dir, progress)
+    clean, clean_seconds = reference_model(recipe, splits, cache_dir, attack, progress)
     report = BadNetReport(
         attack=attack,
         recipe=recipe,

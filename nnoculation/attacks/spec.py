@@ -220,6 +220,15 @@ class AttackSpec:
             out = ImageSet.concat([out, _noise_copy(out, g)])
         return out
 
+    def clean_training_set(self, train: ImageSet, seed: int) -> ImageSet:
+        """What a clean model "trained the same way" trains on: ``train`` without poison, but
+        with the same augmentation policy (the adaptive attacker's noise copy)."""
+        if not self.noise_train:
+            return train
+        return ImageSet.concat(
+            [train, _noise_copy(train, generator_for(seed, train.images.device))]
+        )
+
     def triggered(
         self, test: ImageSet, trigger: Trigger | str, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

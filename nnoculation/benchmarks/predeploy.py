@@ -16,7 +16,7 @@ from typing import Any
 
 from models.bundle import load_bundle
 from nnoculation.attacks import attack_from_dict
-from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
+from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
 from nnoculation.benchmarks.common import RUNS_DIR, fmt, pct1, write_results
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
@@ -41,7 +41,7 @@ def run_one(
     name: str, recipe: Recipe, runs: Path, out: Path, full_grid: bool, splits: Any
 ) -> dict[str, Any]:
     badnet_dir = runs.parent / "attacks" / name
-    if not (badnet_dir / "badnet" / "manifest.json").exists():
+    if not badnet_is_current(badnet_dir, name, recipe):
         make_badnet(name, recipe, badnet_dir, DEFAULT_CACHE, splits=splits)
     bundle = load_bundle(badnet_dir / "badnet")
     attack = attack_from_dict(bundle.manifest.provenance["attack"])

@@ -19,7 +19,7 @@ from typing import Any
 
 from models.bundle import Bundle, load_bundle
 from nnoculation.attacks import AttackSpec, attack_from_dict
-from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
+from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
 from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.imageset import ImageSet
@@ -57,7 +57,7 @@ def deployment_for(
 ) -> tuple[Bundle, AttackSpec, dict[str, float]]:
     """The pre-deployment bundle of the predeploy benchmark (made here when missing)."""
     attack_dir = runs / "attacks" / name
-    if not (attack_dir / "badnet" / "manifest.json").exists():
+    if not badnet_is_current(attack_dir, name, recipe):
         make_badnet(name, recipe, attack_dir, DEFAULT_CACHE, splits=splits)
     badnet_bundle = load_bundle(attack_dir / "badnet")
     attack = attack_from_dict(badnet_bundle.manifest.provenance["attack"])
