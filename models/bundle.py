@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from models.importing import import_net
 from models.nets import Net, NetFormat
 from models.spec import InputSpec
 
@@ -308,7 +309,12 @@ class Bundle:
             entry = self.manifest.nets[role]
         except KeyError:
             raise KeyError(f"bundle {self.path} has no net {role!r}; it has {self.roles}") from None
-        return Net.load(self.path, entry.model_dump(), self.spec, self.num_classes)
+        if entry.format == "zoo":  # safetensors: plain tensors, safe to load as is
+            return Net.load(self.path, entry.model_dump(), self.spec, self.num_classes)
+        # A bundle may come from anyone (a vendor, a colleague, an attacker), and its checksums
+        # only prove integrity; TorchScript and torch.export files therefore take the same
+        # guarded path as any untrusted import.
+        return import_net(self.path / entry.file, self.spec, self.num_classes)
 
     def tensors(self, group: str) -> dict[str, torch.Tensor]:
         """Load the tensor group ``group`` (e.g. the validation set) onto the CPU."""

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from models.bundle import Bundle, BundleIntegrityError, load_bundle
+from models.bundle import Bundle, load_bundle
 from models.classifiers import ARCHITECTURES
-from models.importing import UnsafeModelError, import_net
+from models.importing import import_net
 from models.nets import Net
 from models.spec import InputSpec
 from models.store import format_version, version_number
 from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
-from nnoculation.data.sources import DATASETS, DataNotFoundError
+from nnoculation.data.sources import DATASETS
 from nnoculation.ensemble import Ensemble
 from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
 from nnoculation.predeploy import (
@@ -34,7 +35,7 @@ from nnoculation.predeploy import (
 )
 from nnoculation.recipes import Recipe, default_recipe
 from nnoculation.repair.engine import RepairConfig, repair, repair_summary, write_repaired_bundle
-from nnoculation.repair.quarantine import QuarantineError, load_quarantine
+from nnoculation.repair.quarantine import load_quarantine
 from nnoculation.repair.reverse import repair_profiles
 from nnoculation.reports import pct
 from nnoculation.runtime import configure_threads
@@ -46,9 +47,12 @@ from nnoculation.stream import (
 )
 
 
-class InputError(Exception):
-    """Something the user passed cannot be used; the message says what and why."""
+class UsageError(Exception):
+    """The command line asks for something it cannot do as given (exit code 2)."""
 
+
+DEBUG_ENV = "NNOC_DEBUG"  # set to 1 to see the traceback behind an "error:" line
+EXIT_USAGE = 2
 
 EXIT_NO_GOODNET = 3
 EXIT_BAD_INPUT = 4
@@ -112,21 +116,16 @@ def _load_badnet(
         attack = attack_from_dict(prov["attack"]) if "attack" in prov else None
         return bundle.net("badnet"), recipe, metrics.get("floor"), attack
     if args.alpha0 is None:
-        raise SystemExit(
+        raise UsageError(
             "an imported BadNet needs --alpha0 (the learning rate it was trained with)"
         )
     recipe = default_recipe(args.dataset)
     splits = load_splits(recipe)
     c, h, w = splits.retrain.shape
     spec = InputSpec(c, h, w, tuple(args.mean), tuple(args.std))
-    try:
-        net = import_net(
-            path, spec, splits.retrain.num_classes, arch=args.arch, arch_kwargs=args.arch_kwargs
-        )
-    except (UnsafeModelError, FileNotFoundError):
-        raise
-    except (ValueError, KeyError) as err:  # wrong architecture, shapes or file type
-        raise InputError(f"cannot import {path}: {err}") from err
+    net = import_net(
+        path, spec, splits.retrain.num_classes, arch=args.arch, arch_kwargs=args.arch_kwargs
+    )
     return net, recipe, None, None
 
 
@@ -185,7 +184,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     bundle = _deployment(args.bundle)
     attack = _attack_arg(args.attack_spec, bundle)
     if attack is None:
-        raise SystemExit("stream needs --attack-spec: the attacker's side of the simulation")
+        raise UsageError("stream needs --attack-spec: the attacker's side of the simulation")
     splits = load_splits(_bundle_recipe(bundle, args.dataset))
     cfg = StreamConfig(
         poison_ratio=args.poison_ratio,
@@ -344,15 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_threads(args.threads)
     try:
         return int(args.func(args))
-    except (
-        DataNotFoundError,
-        UnsafeModelError,
-        BundleIntegrityError,
-        QuarantineError,
-        FileNotFoundError,
-        InputError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UsageError as err:
+        print(f"usage error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError, KeyError) as err:
+        # Unusable inputs surface as these: missing data or files (DataNotFoundError is an
+        # OSError), refused or mismatched models (UnsafeModelError, BundleIntegrityError and
+        # shape errors are ValueErrors), bad quarantines, configs or trigger names.
+        if os.environ.get(DEBUG_ENV):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; nothing partial was published", file=sys.stderr)

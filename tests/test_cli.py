@@ -12,7 +12,7 @@ import torch
 from models.bundle import load_bundle
 from models.classifiers import build_classifier
 from models.spec import InputSpec
-from nnoculation.cli import EXIT_BAD_INPUT, main
+from nnoculation.cli import EXIT_BAD_INPUT, EXIT_USAGE, main
 
 DIGITS_SPEC = InputSpec(1, 8, 8)
 GRID = ["--alpha0", "1e-3", "--alpha-multiples", "1", "--gammas", "0.3", "--epochs", "1",
@@ -62,18 +62,20 @@ def test_missing_data_and_missing_alpha0_are_clear(
             "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == EXIT_BAD_INPUT
     assert "no such file" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="alpha0"):
-        main(
-            [
-                "predeploy",
-                "--badnet",
-                str(tmp_path / "x.pt"),
-                "--dataset",
-                "digits",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+    argv = ["predeploy", "--badnet", str(tmp_path / "x.pt"), "--dataset", "digits",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == EXIT_USAGE
+    assert "--alpha0" in capsys.readouterr().err
+    argv = ["predeploy", "--badnet", str(tmp_path / "x.pt"), "--alpha0", "1e-3", "--theta", "3",
+            "--dataset", "digits", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == EXIT_BAD_INPUT  # the file is missing: reported before the grid runs
+
+
+def test_stream_and_repair_give_clear_errors_for_wrong_bundles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["stream", "--bundle", str(tmp_path), "--out", str(tmp_path / "q.npz")]) == 4
+    assert "manifest" in capsys.readouterr().err
 
 
 def test_list_attacks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -197,6 +197,7 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
     """Table 8: two triggers first, then the third, each followed by a repair."""
     bundle, attack, floor = deployment_for(SEQUENTIAL_ATTACK, recipe, splits, runs)
     names = [t.name for t in attack.triggers]
+    theta = float(bundle.manifest.provenance["predeploy"]["theta"])
     stages: list[dict[str, Any]] = [
         {"stage": "pre-deployment", **stage(bundle, splits.test, attack)}
     ]
@@ -209,28 +210,41 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
             StreamConfig(triggers=tuple(used), seed=step),
         )
         outcome = repair(current, q.images, RepairConfig(profile=profile, seed=step))
+        stages.append(
+            {
+                "stage": f"repair {step} ({', '.join(used)})",
+                "quarantine": {"precision": pct1(q.precision), "recall": pct1(q.recall)},
+                "passed_gate": outcome.passed_gate,
+                "reason": outcome.reason,
+                "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
+                **stage(outcome, splits.test, attack),
+            }
+        )
+        if not outcome.passed_gate:
+            break  # nothing was published: the deployment stays as it was
         version = f"v{step + 1:04d}"
         target = runs / "sequential" / version
         write_bundle_dir_with(
             target, lambda d, o=outcome, p=current, v=version: write_repaired_bundle(o, p, d, v)
         )
         current = load_bundle(target)
-        stages.append(
-            {
-                "stage": f"repair {step} ({', '.join(used)})",
-                "quarantine": {"precision": pct1(q.precision), "recall": pct1(q.recall)},
-                "passed_gate": outcome.passed_gate,
-                "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
-                **stage(outcome, splits.test, attack),
-            }
-        )
     floors = {k: pct1(v) for k, v in floor.items()}
+    final = stages[-1]["ensemble"]
+    badnet_ca = stages[0]["badnet"]["ca"]
+    verdict = {
+        "every_trigger_at_floor": all(
+            a <= f + 100 * FLOOR_MARGIN for a, f in zip(final["asr"], floors.values(), strict=True)
+        ),
+        "ca_within_theta": final["ca"] >= badnet_ca - 100 * theta,
+        "all_gates_passed": all(s.get("passed_gate", True) for s in stages),
+    }
     rows = [
         [
             s["stage"],
             fmt(s["ensemble"]["ca"]),
             fmt(s["ensemble"]["asr"]),
             fmt(s["badnet"]["asr"]),
+            "-" if "passed_gate" not in s else ("passed" if s["passed_gate"] else "**failed**"),
         ]
         for s in stages
     ]
@@ -239,12 +253,22 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
             "# Adaptive online attacker (Table 8) on Fashion-MNIST",
             "",
             f"MTMTA BadNet, triggers {', '.join(names)}; first two in the stream, repaired, "
-            f"then the third, repaired again. Floors: {floors}. ASR per trigger in %.",
+            f"then the third, repaired again. Floors (%): {floors}. ASR per trigger in %; the "
+            f"BadNet's CA before any defense: {badnet_ca:.2f} %, theta {100 * theta:.0f} points.",
             "",
-            markdown_table(["stage", "ensemble CA", "ensemble ASR", "BadNet ASR"], rows),
+            markdown_table(["stage", "ensemble CA", "ensemble ASR", "BadNet ASR", "gate"], rows),
+            "",
+            f"Verdict: {verdict}",
         ]
     )
-    write_results(out, "sequential", stages, md, COMMAND + " (--sequential)", {"floor": floors})
+    write_results(
+        out,
+        "sequential",
+        stages,
+        md,
+        COMMAND + " (--sequential)",
+        {"floor": floors, "verdict": verdict},
+    )
 
 
 def main() -> None:
