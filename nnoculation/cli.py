@@ -90,6 +90,15 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     return recipe.with_(train=train, splits=replace(recipe.splits, seed=args.seed), **changes)
 
 
+def _with_validation_sizes(recipe: Recipe, args: argparse.Namespace) -> Recipe:
+    changes = {}
+    if args.validation_per_class is not None:
+        changes["validation_per_class"] = args.validation_per_class
+    if args.holdout_per_class is not None:
+        changes["holdout_per_class"] = args.holdout_per_class
+    return recipe.with_(splits=replace(recipe.splits, **changes)) if changes else recipe
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
     report = make_badnet(args.attack, _recipe(args), Path(args.out), Path(args.cache))
     print(f"BadNet ({report.attack.name}) written to {args.out}/badnet")
@@ -119,7 +128,12 @@ def _load_badnet(
         raise UsageError(
             "an imported BadNet needs --alpha0 (the learning rate it was trained with)"
         )
-    recipe = default_recipe(args.dataset)
+    if args.mean is None or args.std is None:
+        raise UsageError(
+            "an imported BadNet needs --mean and --std: the per-channel normalisation it was "
+            "trained with, on inputs scaled to [0, 1] (0 and 1 for plain x / 255)"
+        )
+    recipe = _with_validation_sizes(default_recipe(args.dataset), args)
     splits = load_splits(recipe)
     c, h, w = splits.retrain.shape
     spec = InputSpec(c, h, w, tuple(args.mean), tuple(args.std))
@@ -174,7 +188,7 @@ def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
     return default_recipe(dataset or "fashion-mnist")
 
 
-def _attack_arg(path: str | None, bundle: Bundle) -> AttackSpec | None:
+def _attack_arg(path: str | None) -> AttackSpec | None:
     if path:
         return attack_from_dict(json.loads(Path(path).read_text()))
     return None
@@ -182,7 +196,7 @@ def _attack_arg(path: str | None, bundle: Bundle) -> AttackSpec | None:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     bundle = _deployment(args.bundle)
-    attack = _attack_arg(args.attack_spec, bundle)
+    attack = _attack_arg(args.attack_spec)
     if attack is None:
         raise UsageError("stream needs --attack-spec: the attacker's side of the simulation")
     splits = load_splits(_bundle_recipe(bundle, args.dataset))
@@ -210,7 +224,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def cmd_repair(args: argparse.Namespace) -> int:
     bundle = _deployment(args.bundle)
     quarantine = load_quarantine(args.quarantine, bundle.spec)
-    attack = _attack_arg(args.attack_spec, bundle)
+    attack = _attack_arg(args.attack_spec)
     test = load_splits(_bundle_recipe(bundle, None)).test if attack is not None else None
     cfg = RepairConfig(
         profile=args.profile,
@@ -280,11 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=json.loads,
         help="JSON keyword arguments of the architecture, e.g. '{\"width\": 16}'",
     )
+    p.add_argument("--mean", type=_floats, help="per-channel input mean of an imported net")
+    p.add_argument("--std", type=_floats, help="per-channel input std of an imported net")
     p.add_argument(
-        "--mean", type=_floats, default=(0.0,), help="input normalisation of an imported net"
+        "--validation-per-class",
+        type=int,
+        help="size of the validation set per class for imported BadNets (default: recipe, 500)",
     )
     p.add_argument(
-        "--std", type=_floats, default=(1.0,), help="input normalisation of an imported net"
+        "--holdout-per-class",
+        type=int,
+        help="part of it held out to measure CA for the selection rule (default: recipe, 100)",
     )
     p.add_argument("--theta", type=float, default=DEFAULT_THETA, help="allowed CA drop (fraction)")
     p.add_argument("--alpha0", type=float, help="BadNet's original learning rate (default: recipe)")
@@ -311,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poison-ratio", type=float, default=DEFAULT_POISON_RATIO)
     p.add_argument("--n", type=int, default=DEFAULT_QUARANTINE_SIZE, help="quarantine size N")
     p.add_argument("--triggers", help="comma-separated trigger names in use (default: all)")
-    p.add_argument("--dataset", help="stream pool data set (default: the bundle's recipe)")
+    p.add_argument("--dataset", help="stream pool data set when the bundle records no recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="quarantine .npz to write")
     p.set_defaults(func=cmd_stream)

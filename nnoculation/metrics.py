@@ -70,9 +70,6 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         return {"ca": self.ca, "asr": self.asr, "controls": self.controls}
 
-    def asr_list(self) -> list[float]:
-        return list(self.asr.values())
-
 
 def evaluate(
     net: Predictor, test: ImageSet, spec: AttackSpec | None = None, seed: int = EVAL_SEED

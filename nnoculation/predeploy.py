@@ -135,9 +135,12 @@ class PredeployResult:
         }
 
 
+GAMMA_SEED_STRIDE = 1000  # seed * stride + gamma in percent: one noise stream per gamma
+
+
 def _gamma_seed(seed: int, gamma: float) -> int:
     # The same gamma gets the same noisy copy at every alpha, so cells differ only by alpha.
-    return seed * 1000 + round(gamma * 100)
+    return seed * GAMMA_SEED_STRIDE + round(gamma * 100)
 
 
 def retraining_data(

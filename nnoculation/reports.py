@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from nnoculation.predeploy import Cell, PredeployResult, grid_table
+from nnoculation.predeploy import Cell, PredeployResult, eligible, grid_table
 
 HEATMAP_DPI = 120
 
@@ -48,7 +48,7 @@ def grid_markdown(result: PredeployResult, metric: str = "holdout_ca") -> str:
         for a, v in zip(alphas, row, strict=True):
             text = pct(v)
             cell = cells.get((a, g))
-            if cell is not None and cell.holdout_ca >= result.baseline_ca - result.config.theta:
+            if cell is not None and eligible(cell, result.baseline_ca, result.config.theta):
                 text = f"**{text}**"
             if result.picked is not None and (a, g) == (result.picked.alpha, result.picked.gamma):
                 text += "*"

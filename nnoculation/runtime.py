@@ -1,11 +1,9 @@
-"""Process-wide runtime choices: CPU threads, device and seeding."""
+"""Process-wide runtime choices: CPU threads and device."""
 
 from __future__ import annotations
 
 import os
-import random
 
-import numpy as np
 import torch
 
 THREADS_ENV = "NNOC_THREADS"
@@ -24,10 +22,3 @@ def configure_threads(threads: int | None = None) -> int:
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for reproducible runs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

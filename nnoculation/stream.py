@@ -23,6 +23,7 @@ from nnoculation.ensemble import Ensemble
 
 DEFAULT_POISON_RATIO = 0.2  # sec. 5.2: "assuming that 20% of test inputs are poisoned"
 DEFAULT_QUARANTINE_SIZE = 200  # sec. 4.2.2: N = 200
+DEFAULT_STREAM_BATCH = 50  # inputs the simulated service classifies at a time
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class StreamConfig:
     poison_ratio: float = DEFAULT_POISON_RATIO
     quarantine_size: int = DEFAULT_QUARANTINE_SIZE
     triggers: tuple[str, ...] | None = None  # the attacker's triggers in use (None: all)
-    batch_size: int = 50
+    batch_size: int = DEFAULT_STREAM_BATCH
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -15,8 +15,8 @@ from models.spec import InputSpec
 from nnoculation.cli import EXIT_BAD_INPUT, EXIT_USAGE, main
 
 DIGITS_SPEC = InputSpec(1, 8, 8)
-GRID = ["--alpha0", "1e-3", "--alpha-multiples", "1", "--gammas", "0.3", "--epochs", "1",
-        "--theta", "0.99"]  # fmt: skip
+GRID = ["--alpha0", "1e-3", "--mean", "0", "--std", "1", "--alpha-multiples", "1",
+        "--gammas", "0.3", "--epochs", "1", "--theta", "0.99"]  # fmt: skip
 
 
 def _module() -> torch.nn.Module:
@@ -58,7 +58,8 @@ def test_torchscript_badnet_stays_torchscript(tmp_path: Path) -> None:
 def test_missing_data_and_missing_alpha0_are_clear(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["predeploy", "--badnet", str(tmp_path / "nope.pt"), "--alpha0", "1e-3",
+    argv = ["predeploy", "--badnet", str(tmp_path / "nope.pt"), "--alpha0", "1e-3", "--mean", "0",
+            "--std", "1",
             "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == EXIT_BAD_INPUT
     assert "no such file" in capsys.readouterr().err
@@ -66,7 +67,8 @@ def test_missing_data_and_missing_alpha0_are_clear(
             "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == EXIT_USAGE
     assert "--alpha0" in capsys.readouterr().err
-    argv = ["predeploy", "--badnet", str(tmp_path / "x.pt"), "--alpha0", "1e-3", "--theta", "3",
+    argv = ["predeploy", "--badnet", str(tmp_path / "x.pt"), "--alpha0", "1e-3", "--mean", "0",
+            "--std", "1", "--theta", "3",
             "--dataset", "digits", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == EXIT_BAD_INPUT  # the file is missing: reported before the grid runs
 

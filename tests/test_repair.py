@@ -17,7 +17,7 @@ import torch
 
 from models.bundle import load_bundle, verify_bundle
 from models.nets import Net
-from nnoculation.cli import EXIT_GATE_FAILED, main
+from nnoculation.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, main
 from nnoculation.metrics import evaluate
 from nnoculation.repair.engine import (
     TRIGGER_MODEL_GROUP,
@@ -26,7 +26,7 @@ from nnoculation.repair.engine import (
     repair,
     write_repaired_bundle,
 )
-from nnoculation.repair.quarantine import QuarantineError
+from nnoculation.repair.quarantine import QuarantineError, load_quarantine
 from nnoculation.repair.reverse import MEAN_DIFF, fit_poison
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import make_deployment, triggered
@@ -92,9 +92,13 @@ def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> N
 def test_quarantine_of_the_wrong_shape_is_refused(tiny_net: Net, tmp_path: Path) -> None:
     path, _, _ = make_deployment(tiny_net, tmp_path)
     np.savez(tmp_path / "q.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
-    with pytest.raises(QuarantineError):
-        main(["repair", "--bundle", str(path), "--quarantine", str(tmp_path / "q.npz"),
-              "--out", str(tmp_path / "o")])  # fmt: skip
+    bundle = load_bundle(path)
+    with pytest.raises(QuarantineError, match="bundle's nets take"):
+        load_quarantine(tmp_path / "q.npz", bundle.spec)
+    argv = ["repair", "--bundle", str(path), "--quarantine", str(tmp_path / "q.npz"),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == EXIT_BAD_INPUT
+    assert not (tmp_path / "o" / "bundle").exists()
 
 
 def test_killed_repair_resumes_from_its_checkpoint(tiny_net: Net, tmp_path: Path) -> None:

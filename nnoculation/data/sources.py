@@ -165,11 +165,15 @@ def load_image_folder(path: Path | str, grayscale: bool | None = None) -> DataSo
         ]
     if not files:
         raise ValueError(f"{root}: no image files found in its class folders")
-    pil = [Image.open(f) for f, _ in files]
+    modes, arrays = set(), []
+    for f, _ in files:
+        with Image.open(f) as im:
+            modes.add(im.mode)
+            arrays.append(im.copy())
     if grayscale is None:
-        grayscale = all(im.mode in ("L", "1", "I;16") for im in pil)
+        grayscale = modes <= {"L", "1", "I;16"}
     mode = "L" if grayscale else "RGB"
-    arrays = [np.asarray(im.convert(mode)) for im in pil]
+    arrays = [np.asarray(im.convert(mode)) for im in arrays]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"{root}: images have different sizes {sorted(sizes)}; resize them first")

@@ -131,15 +131,17 @@ def make_treatment(poison: PoisonModel, validation: ImageSet) -> ImageSet:
 
 
 def _settings(bundle: Bundle, cfg: RepairConfig) -> tuple[float, Optimizer, float, float]:
-    prov = bundle.manifest.provenance.get("predeploy", {})
-    lr = cfg.finetune_lr or float(prov.get("alpha0", 1e-3))
-    optimizer: Optimizer = cfg.optimizer or prov.get("optimizer", "adam")
-    theta = cfg.theta if cfg.theta is not None else float(prov.get("theta", DEFAULT_THETA))
+    prov = bundle.manifest.provenance.get("predeploy")
     baseline = bundle.manifest.metrics.get("baseline_holdout_ca")
-    if baseline is None:
+    if prov is None or baseline is None or not {"badnet", "goodnet"} <= set(bundle.roles):
         raise ValueError(
-            f"bundle {bundle.path} records no baseline_holdout_ca; is it a deployment?"
+            f"{bundle.path} is not a deployment bundle (BadNet + GoodNet + pre-deployment "
+            "provenance); run `nnoculation predeploy` first"
         )
+    # Fine-tuning uses the BadNet's own recipe (alpha0 = its original learning rate, sec. 4.2.1).
+    lr = cfg.finetune_lr if cfg.finetune_lr is not None else float(prov["alpha0"])
+    optimizer: Optimizer = cfg.optimizer if cfg.optimizer is not None else prov["optimizer"]
+    theta = cfg.theta if cfg.theta is not None else float(prov.get("theta", DEFAULT_THETA))
     return lr, optimizer, theta, float(baseline)
 
 
