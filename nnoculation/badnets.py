@@ -121,6 +121,14 @@ class BadNetReport:
         }
 
 
+def attack_recipe(recipe: Recipe, attack: AttackSpec) -> Recipe:
+    """The recipe the attacker actually trains with (an attack may train longer); the clean
+    reference model for the floor uses the same one."""
+    if attack.train_epochs is None:
+        return recipe
+    return recipe.with_(train=recipe.train.with_(epochs=attack.train_epochs))
+
+
 def badnet_is_current(out_dir: Path, attack_name: str, recipe: Recipe) -> bool:
     """Whether ``out_dir`` holds a BadNet made with the catalog's current spec and ``recipe``,
     so a benchmark may reuse it rather than train again."""
@@ -129,7 +137,10 @@ def badnet_is_current(out_dir: Path, attack_name: str, recipe: Recipe) -> bool:
     manifest = load_bundle(out_dir / BADNET_ROLE).manifest
     current = get_attack(attack_name, manifest.num_classes, manifest.input_spec.shape)
     prov = manifest.provenance
-    return prov.get("recipe") == recipe.to_dict() and prov.get("attack") == current.to_dict()
+    return (
+        prov.get("recipe") == attack_recipe(recipe, current).to_dict()
+        and prov.get("attack") == current.to_dict()
+    )
 
 
 def make_badnet(
@@ -146,6 +157,7 @@ def make_badnet(
     splits = splits or load_splits(recipe)
     train_set = splits.attacker
     attack = get_attack(attack_name, train_set.num_classes, train_set.shape)
+    recipe = attack_recipe(recipe, attack)
     poisoned = attack.poison_training_set(train_set, seed=recipe.train.seed)
     net = new_net(recipe, input_spec_for(splits), train_set.num_classes)
     start = time.perf_counter()

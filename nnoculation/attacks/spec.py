@@ -161,6 +161,7 @@ class AttackSpec:
     noise_train: bool = False
     clean_label_fraction: float = DEFAULT_CLEAN_LABEL_FRACTION
     feature_dampening: float = DEFAULT_FEATURE_DAMPENING
+    train_epochs: int | None = None  # the attacker's own training length, when it needs longer
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triggers", tuple(self.triggers))
@@ -300,6 +301,7 @@ class AttackSpec:
             "noise_train": self.noise_train,
             "clean_label_fraction": self.clean_label_fraction,
             "feature_dampening": self.feature_dampening,
+            "train_epochs": self.train_epochs,
         }
 
     @classmethod
@@ -316,6 +318,7 @@ class AttackSpec:
                 data.get("clean_label_fraction", DEFAULT_CLEAN_LABEL_FRACTION)
             ),
             feature_dampening=float(data.get("feature_dampening", DEFAULT_FEATURE_DAMPENING)),
+            train_epochs=data.get("train_epochs"),
         )
 
 
