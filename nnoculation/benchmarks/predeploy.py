@@ -17,7 +17,7 @@ from typing import Any
 from models.bundle import load_bundle
 from nnoculation.attacks import attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
-from nnoculation.benchmarks.common import RUNS_DIR, fmt, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
 from nnoculation.predeploy import PredeployConfig, train_cell
@@ -181,14 +181,18 @@ def main() -> None:
     splits = load_splits(recipe)
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for name in args.attacks.split(","):
-        entries.append(run_one(name, recipe, runs, out, False, splits))
-        print({k: v for k, v in entries[-1].items() if k != "grid_markdown"}, flush=True)
+    # Re-running a subset replaces those entries and keeps the others.
+    entries = {(e["attack"], e["full_grid"]): e for e in load_entries(out / "predeploy.json")}
+    for name in filter(None, args.attacks.split(",")):
+        entry = run_one(name, recipe, runs, out, False, splits)
+        entries[(name, False)] = entry
+        print({k: v for k, v in entry.items() if k != "grid_markdown"}, flush=True)
     if args.full_grid_attack:
-        entries.append(run_one(args.full_grid_attack, recipe, runs, out, True, splits))
+        name = args.full_grid_attack
+        entries[(name, True)] = run_one(name, recipe, runs, out, True, splits)
+    ordered = sorted(entries.values(), key=lambda e: (e["full_grid"], e["attack"]))
     write_results(
-        out, "predeploy", entries, markdown(entries), COMMAND, {"recipe": recipe.to_dict()}
+        out, "predeploy", ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()}
     )
 
 
