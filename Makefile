@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data demo test test-fast lint results-attacks results-predeploy results-repair \
-	results-sequential results clean
+	results-sequential results-cyclegan-speed results clean
 
 setup: $(STAMP)
 
@@ -57,7 +57,10 @@ results-repair: setup data
 results-sequential: setup data
 	$(PY) -m nnoculation.benchmarks.repair --sequential --out docs/results
 
-results: results-attacks results-predeploy results-repair results-sequential
+results-cyclegan-speed: setup
+	$(PY) -m nnoculation.benchmarks.cyclegan_speed --out docs/results
+
+results: results-attacks results-predeploy results-repair results-sequential results-cyclegan-speed
 
 clean:
 	rm -rf runs .cache .pytest_cache

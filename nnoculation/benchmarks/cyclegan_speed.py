@@ -21,7 +21,7 @@ from nnoculation.runtime import configure_threads, default_device
 
 SHAPES = {"28x28x1": (1, 28, 28), "32x32x3": (3, 32, 32)}
 MEASURED_ITERATIONS = 8
-COMMAND = "python -m nnoculation.benchmarks.cyclegan_speed"
+COMMAND = "make results-cyclegan-speed"
 
 
 def seconds_per_epoch(
