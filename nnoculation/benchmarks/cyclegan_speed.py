@@ -52,6 +52,7 @@ def seconds_per_epoch(
         "profile": profile_name,
         "shape": "x".join(map(str, shape[1:])) + f"x{shape[0]}",
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "seconds_per_iteration": round(per_iteration, 4),
         "seconds_per_epoch": round(per_iteration * iterations, 1),
         "epochs": profile.epochs,
@@ -66,11 +67,17 @@ def main() -> None:
     args = parser.parse_args()
     configure_threads()
     device = default_device()
-    entries = [
-        seconds_per_epoch(p, shape, device)
-        for p in args.profiles.split(",")
-        for shape in SHAPES.values()
-    ]
+    # Figures from other devices (a GPU run, say) stay beside this run's.
+    out = Path(args.out)
+    kept = {
+        (e["profile"], e["shape"], e["device_name"]): e
+        for e in load_entries(out / "cyclegan_speed.json")
+    }
+    for p in args.profiles.split(","):
+        for shape in SHAPES.values():
+            e = seconds_per_epoch(p, shape, device)
+            kept[(e["profile"], e["shape"], e["device_name"])] = e
+    entries = list(kept.values())
     rows = [
         [
             e["profile"],
