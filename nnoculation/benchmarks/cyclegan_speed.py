@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from models.cyclegan import CYCLEGAN_PROFILES
-from nnoculation.benchmarks.common import machine, write_results
+from nnoculation.benchmarks.common import load_entries, machine, write_results
 from nnoculation.repair.cyclegan import train_cyclegan
 from nnoculation.repair.engine import DEFAULT_DOMAIN_A_SIZE
 from nnoculation.reports import markdown_table
@@ -82,7 +82,7 @@ def main() -> None:
         [
             e["profile"],
             e["shape"],
-            e["device"],
+            e["device_name"],
             f"{e['seconds_per_epoch']:.1f}",
             str(e["epochs"]),
             f"{e['seconds_total_estimate']:.0f}",
@@ -102,7 +102,7 @@ def main() -> None:
             ),
         ]
     )
-    write_results(Path(args.out), "cyclegan_speed", entries, md, COMMAND)
+    write_results(out, "cyclegan_speed", entries, md, COMMAND)
 
 
 if __name__ == "__main__":
