@@ -207,3 +207,14 @@ def test_time_budget_stops_after_first_epoch() -> None:
     a, b = domains()
     result = train_cyclegan(a, b, get_profile("test"), time_budget_s=0.0, progress=False)
     assert result.stopped_early and result.epochs_done == 1
+
+
+def test_a_stored_generator_reproduces_its_translation() -> None:
+    from nnoculation.repair.reverse import fit_poison, load_poison
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, 255, (16, 1, 12, 12), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 255, (16, 1, 12, 12), generator=g, dtype=torch.uint8)
+    poison = fit_poison("test", a, b, progress=False)
+    again = load_poison(poison.report(), poison.state(), channels=1)
+    assert torch.equal(again.apply(a), poison.apply(a))

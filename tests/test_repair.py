@@ -27,7 +27,7 @@ from nnoculation.repair.engine import (
     write_repaired_bundle,
 )
 from nnoculation.repair.quarantine import QuarantineError, load_quarantine
-from nnoculation.repair.reverse import MEAN_DIFF, fit_poison
+from nnoculation.repair.reverse import MEAN_DIFF, fit_poison, load_poison
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import make_deployment, triggered
 
@@ -68,6 +68,13 @@ def test_repair_unlearns_a_fixed_patch_and_publishes_a_child_version(
     assert "delta" in child.tensors(TRIGGER_MODEL_GROUP)
     assert child.manifest.provenance["repairs"][0]["parent"] == "v0001"
     assert (tmp_path / "v2" / "repair_samples.png").read_bytes()[:4] == b"\x89PNG"
+    stored = load_poison(
+        child.manifest.provenance["repairs"][0]["trigger_model"],
+        child.tensors(TRIGGER_MODEL_GROUP),
+        channels=1,
+    )
+    clean = test.images[:8]
+    assert torch.equal(stored.apply(clean), outcome.poison.apply(clean))
 
 
 def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> None:

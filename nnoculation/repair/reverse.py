@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from models.cyclegan import CYCLEGAN_PROFILES
+from models.cyclegan import CYCLEGAN_PROFILES, CycleGANProfile, ResnetGenerator
 from nnoculation.repair.cyclegan import train_cyclegan, translate
 
 MEAN_DIFF = "mean-diff"
@@ -93,6 +93,19 @@ class MeanDiffPoison:
             "seconds": self.seconds,
             "delta_l1": float(self.delta.abs().mean()),
         }
+
+
+def load_poison(
+    report: dict[str, Any], state: dict[str, torch.Tensor], channels: int
+) -> PoisonModel:
+    """Rebuild a stored trigger model from its ``report()`` and ``state()`` (as a repaired
+    bundle keeps them: the provenance's repair entry and the ``trigger_model`` tensors)."""
+    if report["kind"] == MEAN_DIFF:
+        return MeanDiffPoison(state["delta"], float(report.get("seconds", 0.0)))
+    profile = CycleGANProfile.from_dict(report["profile"])
+    generator = ResnetGenerator(channels, profile.ngf, profile.n_blocks)
+    generator.load_state_dict(state)
+    return GeneratorPoison(generator.eval(), report["profile"], float(report.get("seconds", 0.0)))
 
 
 def repair_profiles() -> list[str]:
