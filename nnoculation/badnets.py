@@ -17,7 +17,7 @@ from models.bundle import load_bundle
 from models.classifiers import build_classifier
 from models.nets import Net
 from models.spec import InputSpec
-from nnoculation.attacks import AttackSpec, get_attack
+from nnoculation.attacks import AttackSpec, attack_from_dict, get_attack
 from nnoculation.bundle_io import write_bundle_dir
 from nnoculation.data.sources import load_dataset
 from nnoculation.data.splits import Splits, make_splits
@@ -137,9 +137,12 @@ def badnet_is_current(out_dir: Path, attack_name: str, recipe: Recipe) -> bool:
     manifest = load_bundle(out_dir / BADNET_ROLE).manifest
     current = get_attack(attack_name, manifest.num_classes, manifest.input_spec.shape)
     prov = manifest.provenance
+    if "attack" not in prov or "recipe" not in prov:
+        return False
+    # Round-trip the stored spec so fields added later (with defaults) compare equal.
+    stored = attack_from_dict(prov["attack"]).to_dict()
     return (
-        prov.get("recipe") == attack_recipe(recipe, current).to_dict()
-        and prov.get("attack") == current.to_dict()
+        prov["recipe"] == attack_recipe(recipe, current).to_dict() and stored == current.to_dict()
     )
 
 
