@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from models.bundle import load_bundle
+from models.bundle import Bundle, load_bundle
 from models.classifiers import build_classifier
 from models.nets import Net
 from models.spec import InputSpec
@@ -191,3 +191,15 @@ def make_badnet(
     (out_dir / "attack.json").write_text(json.dumps(attack.to_dict(), indent=2) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def current_badnet(
+    attack_name: str, recipe: Recipe, out_dir: Path, splits: Splits, cache_dir: Path = DEFAULT_CACHE
+) -> tuple[Bundle, AttackSpec, dict[str, float]]:
+    """The BadNet bundle in ``out_dir`` (made or re-made when missing or stale), its attack spec
+    and the floor of each trigger: what every benchmark starts from."""
+    if not badnet_is_current(out_dir, attack_name, recipe):
+        make_badnet(attack_name, recipe, out_dir, cache_dir, splits=splits)
+    bundle = load_bundle(out_dir / BADNET_ROLE)
+    attack = attack_from_dict(bundle.manifest.provenance["attack"])
+    return bundle, attack, bundle.manifest.metrics["floor"]

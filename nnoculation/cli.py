@@ -150,8 +150,8 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
     elif not args.evaluate_attack:
         attack = None
     cfg = PredeployConfig(
-        alpha0=args.alpha0 or recipe.train.lr,
-        optimizer=args.optimizer or recipe.train.optimizer,
+        alpha0=args.alpha0 if args.alpha0 is not None else recipe.train.lr,
+        optimizer=args.optimizer if args.optimizer is not None else recipe.train.optimizer,
         theta=args.theta,
         alpha_multiples=args.alpha_multiples,
         gammas=args.gammas,

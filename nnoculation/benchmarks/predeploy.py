@@ -14,9 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.bundle import load_bundle
-from nnoculation.attacks import attack_from_dict
-from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
+from nnoculation.badnets import current_badnet, load_splits
 from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
@@ -40,12 +38,7 @@ def _asr(values: dict[str, float]) -> float | list[float]:
 def run_one(
     name: str, recipe: Recipe, runs: Path, out: Path, full_grid: bool, splits: Any
 ) -> dict[str, Any]:
-    badnet_dir = runs.parent / "attacks" / name
-    if not badnet_is_current(badnet_dir, name, recipe):
-        make_badnet(name, recipe, badnet_dir, DEFAULT_CACHE, splits=splits)
-    bundle = load_bundle(badnet_dir / "badnet")
-    attack = attack_from_dict(bundle.manifest.provenance["attack"])
-    floor = bundle.manifest.metrics["floor"]
+    bundle, attack, floor = current_badnet(name, recipe, runs.parent / "attacks" / name, splits)
     badnet = bundle.net("badnet")
     cfg = PredeployConfig(
         alpha0=recipe.train.lr, optimizer=recipe.train.optimizer, full_grid=full_grid

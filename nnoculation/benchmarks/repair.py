@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import Bundle, load_bundle
-from nnoculation.attacks import AttackSpec, attack_from_dict
-from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
+from nnoculation.attacks import AttackSpec
+from nnoculation.badnets import current_badnet, load_splits
 from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.imageset import ImageSet
@@ -56,12 +56,7 @@ def deployment_for(
     name: str, recipe: Recipe, splits: Any, runs: Path
 ) -> tuple[Bundle, AttackSpec, dict[str, float]]:
     """The pre-deployment bundle of the predeploy benchmark (made here when missing)."""
-    attack_dir = runs / "attacks" / name
-    if not badnet_is_current(attack_dir, name, recipe):
-        make_badnet(name, recipe, attack_dir, DEFAULT_CACHE, splits=splits)
-    badnet_bundle = load_bundle(attack_dir / "badnet")
-    attack = attack_from_dict(badnet_bundle.manifest.provenance["attack"])
-    floor = badnet_bundle.manifest.metrics["floor"]
+    badnet_bundle, attack, floor = current_badnet(name, recipe, runs / "attacks" / name, splits)
     pre_dir = runs / "predeploy" / name
     if not (pre_dir / DEPLOYMENT_DIR / "manifest.json").exists():
         cfg = PredeployConfig(alpha0=recipe.train.lr, optimizer=recipe.train.optimizer)
