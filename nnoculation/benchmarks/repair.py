@@ -226,11 +226,18 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
     floors = {k: pct1(v) for k, v in floor.items()}
     final = stages[-1]["ensemble"]
     badnet_ca = stages[0]["badnet"]["ca"]
+    deployed_ca = stages[0]["ensemble"]["ca"]
+    # "CA stays within theta" (Table 8 reports CA per stage): no repair may cost the deployed
+    # ensemble more than theta of test CA. The pre-deployment GoodNet's own distance from the
+    # BadNet is bounded by the selection rule on the hold-out set and reported beside it.
     verdict = {
         "every_trigger_at_floor": all(
             a <= f + 100 * FLOOR_MARGIN for a, f in zip(final["asr"], floors.values(), strict=True)
         ),
-        "ca_within_theta": final["ca"] >= badnet_ca - 100 * theta,
+        "ca_within_theta": all(
+            s["ensemble"]["ca"] >= deployed_ca - 100 * theta for s in stages[1:]
+        ),
+        "final_ca_minus_badnet_ca": round(final["ca"] - badnet_ca, 2),
         "all_gates_passed": all(s.get("passed_gate", True) for s in stages),
     }
     rows = [
@@ -249,7 +256,11 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
             "",
             f"MTMTA BadNet, triggers {', '.join(names)}; first two in the stream, repaired, "
             f"then the third, repaired again. Floors (%): {floors}. ASR per trigger in %; the "
-            f"BadNet's CA before any defense: {badnet_ca:.2f} %, theta {100 * theta:.0f} points.",
+            f"BadNet's CA before any defense: {badnet_ca:.2f} %, theta {100 * theta:.0f} points. "
+            "`ca_within_theta`: every repaired ensemble keeps test CA within theta of the "
+            "deployed (pre-deployment) ensemble's; the gap to the BadNet's test CA, most of "
+            "it the pre-deployment GoodNet's (whose rule bounds it on the hold-out set), is "
+            "`final_ca_minus_badnet_ca`.",
             "",
             markdown_table(["stage", "ensemble CA", "ensemble ASR", "BadNet ASR", "gate"], rows),
             "",
