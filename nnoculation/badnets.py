@@ -122,11 +122,13 @@ class BadNetReport:
 
 
 def attack_recipe(recipe: Recipe, attack: AttackSpec) -> Recipe:
-    """The recipe the attacker actually trains with (an attack may train longer); the clean
-    reference model for the floor uses the same one."""
-    if attack.train_epochs is None:
-        return recipe
-    return recipe.with_(train=recipe.train.with_(epochs=attack.train_epochs))
+    """The recipe the attacker actually trains with (an attack may train longer or use its own
+    architecture); the clean reference model for the floor uses the same one."""
+    if attack.train_epochs is not None:
+        recipe = recipe.with_(train=recipe.train.with_(epochs=attack.train_epochs))
+    if attack.arch is not None:
+        recipe = recipe.with_(arch=attack.arch, arch_kwargs=dict(attack.arch_kwargs or {}))
+    return recipe
 
 
 def badnet_is_current(out_dir: Path, attack_name: str, recipe: Recipe) -> bool:

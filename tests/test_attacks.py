@@ -274,3 +274,18 @@ def test_invalid_specs_are_refused() -> None:
         )
     with pytest.raises(ValueError, match="does not exist"):
         TargetRule.all_to_one(12).targets(torch.arange(3), NUM_CLASSES)
+
+
+def test_attack_recipe_applies_the_attackers_own_training() -> None:
+    from dataclasses import replace
+
+    from nnoculation.badnets import attack_recipe
+    from nnoculation.recipes import FASHION_MNIST_RECIPE
+
+    plain = get_attack("patch", 10, (1, 28, 28))
+    assert attack_recipe(FASHION_MNIST_RECIPE, plain) == FASHION_MNIST_RECIPE
+    own = replace(plain, train_epochs=7, arch="cifar_cnn", arch_kwargs={"width": 8})
+    recipe = attack_recipe(FASHION_MNIST_RECIPE, own)
+    assert (recipe.arch, recipe.arch_kwargs, recipe.train.epochs) == ("cifar_cnn", {"width": 8}, 7)
+    assert recipe.train.lr == FASHION_MNIST_RECIPE.train.lr
+    assert AttackSpec.from_dict(json.loads(json.dumps(own.to_dict()))) == own

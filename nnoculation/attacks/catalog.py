@@ -55,8 +55,10 @@ def _multi_triggers(targets: tuple[int, ...], num_classes: int) -> tuple[Trigger
 
 CLA_AMPLITUDE = 64.0  # grey levels of the clean-label noise pattern
 
-AAA_POISON_RATE = 0.2
-AAA_TRAIN_EPOCHS = 8
+AAA_POISON_RATE = 0.4
+AAA_TRAIN_EPOCHS = 6
+AAA_ARCH = "cifar_cnn"
+AAA_ARCH_KWARGS = {"width": 16}
 AAA_PATTERN_SIZE = 6 / 28  # relative side of the all-to-all pattern (6x6 pixels on 28x28)
 
 
@@ -84,8 +86,10 @@ def all_to_all(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
     _check(num_classes, shape)
     # One trigger, ten different targets: the net must still tell the source class apart under
     # the trigger, so the ASR is capped by how well it separates shirts, T-shirts, pullovers
-    # and coats. In 4 epochs it stayed at 87 % (3x3 or 6x6 pattern, 10 or 20 % poisoning);
-    # this attacker therefore poisons 20 %, stamps 6x6 pixels and trains twice as long.
+    # and coats. Trials here (6x6 pattern): small CNN, 20 % poisoning, 8 epochs: 88.6 %
+    # (width 32: 88.4 %); 40 % poisoning: 89.5 % at CA 89.9 %, i.e. the ASR had reached the
+    # small CNN's CA. This attacker therefore trains a stronger net (the BatchNorm VGG-style
+    # CNN of the zoo at width 16: 91.8 % CA) for 6 epochs on 40 % poisoned data: 90.8 %.
     trigger = Trigger(
         "pattern", "pattern", {"size": AAA_PATTERN_SIZE}, TargetRule.all_to_all(AAA_SHIFT)
     )
@@ -95,6 +99,8 @@ def all_to_all(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
         (trigger,),
         poison_rate=AAA_POISON_RATE,
         train_epochs=AAA_TRAIN_EPOCHS,
+        arch=AAA_ARCH,
+        arch_kwargs=dict(AAA_ARCH_KWARGS),
     )
 
 

@@ -162,6 +162,9 @@ class AttackSpec:
     clean_label_fraction: float = DEFAULT_CLEAN_LABEL_FRACTION
     feature_dampening: float = DEFAULT_FEATURE_DAMPENING
     train_epochs: int | None = None  # the attacker's own training length, when it needs longer
+    # The attacker's own architecture (zoo name + kwargs), when it differs from the recipe's.
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "triggers", tuple(self.triggers))
@@ -302,6 +305,8 @@ class AttackSpec:
             "clean_label_fraction": self.clean_label_fraction,
             "feature_dampening": self.feature_dampening,
             "train_epochs": self.train_epochs,
+            "arch": self.arch,
+            "arch_kwargs": None if self.arch_kwargs is None else _json_params(self.arch_kwargs),
         }
 
     @classmethod
@@ -319,6 +324,8 @@ class AttackSpec:
             ),
             feature_dampening=float(data.get("feature_dampening", DEFAULT_FEATURE_DAMPENING)),
             train_epochs=data.get("train_epochs"),
+            arch=data.get("arch"),
+            arch_kwargs=data.get("arch_kwargs"),
         )
 
 

@@ -34,6 +34,8 @@ def entry(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "attack": report["attack"],
         "description": report["spec"]["description"],
+        "arch": report["recipe"]["arch"],
+        "epochs": report["recipe"]["train"]["epochs"],
         "clean_ca": pct1(clean["ca"]),
         "badnet_ca": pct1(bad["ca"]),
         "asr": {k: pct1(v) for k, v in bad["asr"].items()},
@@ -54,6 +56,7 @@ def table(entries: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 e["attack"],
+                f"{e.get('arch', '-')}, {e.get('epochs', '-')} ep",
                 f"{e['clean_ca']:.2f}",
                 f"{e['badnet_ca']:.2f}",
                 asr,
@@ -64,6 +67,7 @@ def table(entries: list[dict[str, Any]]) -> str:
         )
     header = [
         "attack",
+        "net (attacker and clean model)",
         "clean CA %",
         "BadNet CA %",
         "ASR % (floor %)",
@@ -91,7 +95,8 @@ def main() -> None:
     for name in args.attacks.split(","):
         run_dir = Path(args.runs) / name
         # A BadNet made with the current spec and recipe (by an earlier run of this or another
-        # benchmark) is reused: training is seeded, so it would come out the same.
+        # benchmark) is reused. Training is seeded; bit-identical nets also need the same torch
+        # build and thread count (a re-made BadNet here moved CA and floors by ~0.3 points).
         if args.retrain or not badnet_is_current(run_dir, name, recipe):
             make_badnet(name, recipe, run_dir, DEFAULT_CACHE, splits=splits)
         entries[name] = entry(json.loads((run_dir / "metrics.json").read_text()))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nnoculation.badnets import current_badnet, load_splits
+from nnoculation.badnets import attack_recipe, current_badnet, load_splits
 from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
@@ -27,6 +27,7 @@ DEFAULT_ATTACKS = "patch,all-to-all,blended,varloc-patch,fsa,adaptive"
 FULL_GRID_ATTACK = "patch"
 ASR_TARGET = 0.40
 SEARCH_SECONDS_TARGET = 180.0
+TIMED_ARCH = "small_cnn"  # the search-time target is set for the small CNN (issue 2)
 COMMAND = "make results-predeploy"
 
 
@@ -47,8 +48,10 @@ def run_one(
     outcome = predeploy_to_dir(badnet, splits, cfg, run_dir, attack=attack, floor=floor)
     result = outcome.result
     assert result.badnet_test is not None
+    arch = attack_recipe(recipe, attack).arch
     entry: dict[str, Any] = {
         "attack": name,
+        "arch": arch,
         "badnet": {"ca": pct1(result.badnet_test.ca), "asr": _asr(result.badnet_test.asr)},
         "floor": _asr(floor),
         "alpha": None if result.picked is None else result.picked.alpha,
@@ -76,7 +79,7 @@ def run_one(
         entry["meets_target"] = bool(
             worst <= ASR_TARGET
             and result.picked.holdout_ca >= result.baseline_ca - cfg.theta
-            and (full_grid or result.seconds <= SEARCH_SECONDS_TARGET)
+            and (full_grid or arch != TIMED_ARCH or result.seconds <= SEARCH_SECONDS_TARGET)
         )
     if full_grid:
         for png in ("heatmap_ca.png", "heatmap_asr.png"):
@@ -98,6 +101,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 e["attack"],
+                e.get("arch", TIMED_ARCH),
                 fmt(e["badnet"]["ca"]),
                 fmt(e["badnet"]["asr"]),
                 fmt(e["floor"]),
@@ -114,6 +118,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         )
     header = [
         "attack",
+        "BadNet arch",
         "BadNet CA",
         "BadNet ASR",
         "floor",
@@ -133,7 +138,9 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "All figures in %, on the 5,000-image test pool; ASR beside its floor (clean model, same "
         "triggered images). `w/o noise` is the peer: retraining at the picked alpha without the "
         "noisy copy (the paper's ablation, Table 13). Selection uses only the hold-out part of the "
-        "validation set; theta = 3 points.",
+        "validation set; theta = 3 points. Targets: GoodNet ASR <= 40 %, GoodNet hold-out CA "
+        "within theta, and for small-CNN BadNets a search of at most 3 minutes (the all-to-all "
+        "attacker trains the larger BatchNorm CNN, see `attacks.md`).",
         "",
         markdown_table(header, rows),
     ]

@@ -40,6 +40,7 @@ FLOOR_MARGIN = 0.02
 CA_DROP_LIMIT = 0.03
 SECONDS_LIMIT = 180.0
 SEQUENTIAL_ATTACK = "mtmta"
+SECOND_CYCLE_SEED = 2  # a fresh stream (and CycleGAN seed) for the second repair cycle
 COMMAND = "make results-repair"
 
 
@@ -58,7 +59,9 @@ def deployment_for(
     """The pre-deployment bundle of the predeploy benchmark (made here when missing)."""
     badnet_bundle, attack, floor = current_badnet(name, recipe, runs / "attacks" / name, splits)
     pre_dir = runs / "predeploy" / name
-    if not (pre_dir / DEPLOYMENT_DIR / "manifest.json").exists():
+    deployed = pre_dir / DEPLOYMENT_DIR / "manifest.json"
+    badnet_made = (badnet_bundle.path / "manifest.json").stat().st_mtime
+    if not deployed.exists() or deployed.stat().st_mtime < badnet_made:
         cfg = PredeployConfig(alpha0=recipe.train.lr, optimizer=recipe.train.optimizer)
         predeploy_to_dir(
             badnet_bundle.net("badnet"), splits, cfg, pre_dir, attack=attack, floor=floor
@@ -124,18 +127,80 @@ def run_one(
                     run_dir / DEPLOYMENT_DIR,
                     lambda d, o=outcome: write_repaired_bundle(o, bundle, d, "v0002"),
                 )
-    entry["meets_target"] = meets_target(entry, floor)
+    entry["meets_target"] = not target_misses(entry)
+    entry["second_cycle"] = None
+    if not entry["meets_target"] and entry["after"]["passed_gate"]:
+        entry["second_cycle"] = second_cycle(run_dir, attack, splits, profile)
+        entry["meets_target_after_second_cycle"] = not target_misses(entry, "second_cycle")
     return entry
 
 
-def meets_target(entry: dict[str, Any], floor: dict[str, float]) -> bool:
-    after = entry["after"]["ensemble"]
-    asr = after["asr"] if isinstance(after["asr"], list) else [after["asr"]]
-    floors = [pct1(v) for v in floor.values()]
-    asr_ok = all(a <= f + 100 * FLOOR_MARGIN for a, f in zip(asr, floors, strict=True))
-    ca_ok = after["ca"] >= entry["before"]["badnet"]["ca"] - 100 * CA_DROP_LIMIT
-    secs = entry["seconds"]["cyclegan"] + entry["seconds"]["finetune"]
-    return bool(asr_ok and ca_ok and secs <= SECONDS_LIMIT and entry["after"]["passed_gate"])
+def second_cycle(run_dir: Path, attack: AttackSpec, splits: Any, profile: str) -> dict[str, Any]:
+    """What the service does next when one repair was not enough: it keeps serving the
+    repaired deployment, quarantines the next N disagreements and repairs again."""
+    bundle = load_bundle(run_dir / DEPLOYMENT_DIR)
+    stream = simulate_stream(
+        Ensemble(bundle.net("badnet"), bundle.net("goodnet")),
+        splits.stream,
+        attack,
+        StreamConfig(seed=SECOND_CYCLE_SEED),
+    )
+    outcome = repair(bundle, stream.images, RepairConfig(profile=profile, seed=SECOND_CYCLE_SEED))
+    return {
+        "quarantine": {
+            "precision": pct1(stream.precision),
+            "recall": pct1(stream.recall),
+            "size": int(stream.images.shape[0]),
+            "caught_n_after_inputs": stream.caught_n_after,
+        },
+        **stage(outcome, splits.test, attack),
+        "passed_gate": outcome.passed_gate,
+        "seconds": {
+            "cyclegan": round(outcome.seconds["trigger_model"], 1),
+            "finetune": round(outcome.seconds["finetune"], 1),
+        },
+    }
+
+
+def target_misses(entry: dict[str, Any], stage_key: str = "after") -> list[str]:
+    """The issue's targets that ``entry[stage_key]`` misses (empty: all met): ensemble ASR
+    <= floor + 2 points per trigger, ensemble CA >= the BadNet's - 3 points, CycleGAN +
+    fine-tune <= 3 minutes, gate passed."""
+    stage = entry[stage_key]
+    ens = stage["ensemble"]
+    asr = ens["asr"] if isinstance(ens["asr"], list) else [ens["asr"]]
+    floors = entry["floor"] if isinstance(entry["floor"], list) else [entry["floor"]]
+    misses = [
+        f"ASR {a:.1f} > {f + 100 * FLOOR_MARGIN:.1f}"
+        for a, f in zip(asr, floors, strict=True)
+        if a > f + 100 * FLOOR_MARGIN
+    ]
+    drop = entry["before"]["badnet"]["ca"] - ens["ca"]
+    if drop > 100 * CA_DROP_LIMIT:
+        misses.append(f"CA drop {drop:.2f} > {100 * CA_DROP_LIMIT:.0f}")
+    seconds = stage["seconds"]
+    secs = seconds.get("cyclegan", seconds.get("trigger_model", 0.0)) + seconds["finetune"]
+    if secs > SECONDS_LIMIT:
+        misses.append(f"{secs:.0f} s > {SECONDS_LIMIT:.0f} s")
+    if not stage["passed_gate"]:
+        misses.append("gate failed")
+    return misses
+
+
+def _verdict(misses: list[str]) -> str:
+    return "yes" if not misses else "**no**: " + "; ".join(misses)
+
+
+def _second_cycle_cell(entry: dict[str, Any]) -> str:
+    c = entry.get("second_cycle")
+    if not c:
+        return "-"
+    q, ens, secs = c["quarantine"], c["ensemble"], c["seconds"]
+    met = _verdict(target_misses(entry, "second_cycle"))
+    return (
+        f"{q['precision']:.1f}/{q['recall']:.1f}, {fmt(ens['ca'])} / {fmt(ens['asr'])}, "
+        f"{secs['cyclegan']:.0f} + {secs['finetune']:.0f}, {met}"
+    )
 
 
 def markdown(entries: list[dict[str, Any]]) -> str:
@@ -153,7 +218,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{fmt(a['ensemble']['ca'])} / {fmt(a['ensemble']['asr'])}",
                 f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}",
                 f"{e['seconds']['cyclegan']:.0f} + {e['seconds']['finetune']:.0f}",
-                "yes" if e["meets_target"] else "**no**",
+                _verdict(target_misses(e)),
+                _second_cycle_cell(e),
             ]
         )
     header = [
@@ -167,6 +233,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "mean-diff peer: BadNet/ensemble ASR",
         "CycleGAN + fine-tune s",
         "target met",
+        "2nd cycle: P/R %, ensemble CA/ASR, s, target met",
     ]
     parts = [
         "# Post-deployment repair on Fashion-MNIST",
@@ -174,7 +241,10 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "Stream: 20 % of inputs poisoned, quarantine N = 200; repair profile `cpu` (CycleGAN), "
         "peer: the mean-difference ablation of sec. 6.2 on the same quarantine. All figures in "
         "% on the 5,000-image test pool. The ensemble answers with the GoodNet's label, so its "
-        "CA / ASR are the GoodNet's; the repaired BadNet shows what the CycleGAN learned.",
+        "CA / ASR are the GoodNet's; the repaired BadNet shows what the CycleGAN learned. "
+        "Where one repair misses a target, the last column shows "
+        "what the service does next: it keeps serving the repaired deployment, quarantines "
+        "the next N = 200 disagreements of a fresh 20 %-poisoned stream and repairs again.",
         "",
         markdown_table(header, rows),
         "",
