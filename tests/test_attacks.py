@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,8 +20,10 @@ from nnoculation.attacks import (
 )
 from nnoculation.attacks.spec import ADAPTIVE_GAMMAS, CLEAN_LABEL, COMBINATION
 from nnoculation.attacks.triggers import LUMA, PATCH_DEFAULTS, YELLOW, combine_params
+from nnoculation.badnets import attack_recipe
 from nnoculation.data.imageset import ImageSet
 from nnoculation.noise import generator_for
+from nnoculation.recipes import FASHION_MNIST_RECIPE
 
 torch.set_num_threads(1)
 
@@ -277,11 +280,6 @@ def test_invalid_specs_are_refused() -> None:
 
 
 def test_attack_recipe_applies_the_attackers_own_training() -> None:
-    from dataclasses import replace
-
-    from nnoculation.badnets import attack_recipe
-    from nnoculation.recipes import FASHION_MNIST_RECIPE
-
     plain = get_attack("patch", 10, (1, 28, 28))
     assert attack_recipe(FASHION_MNIST_RECIPE, plain) == FASHION_MNIST_RECIPE
     own = replace(plain, train_epochs=7, arch="cifar_cnn", arch_kwargs={"width": 8})

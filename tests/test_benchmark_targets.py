@@ -14,7 +14,7 @@ def entry(asr: float | list[float], ca: float, floor: float | list[float]) -> di
         "after": {
             "ensemble": {"ca": ca, "asr": asr},
             "passed_gate": True,
-            "seconds": {"trigger_model": 100.0, "finetune": 10.0},
+            "seconds": {"cyclegan": 100.0, "finetune": 10.0},
         },
     }
 

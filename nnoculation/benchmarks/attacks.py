@@ -56,7 +56,7 @@ def table(entries: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 e["attack"],
-                f"{e.get('arch', '-')}, {e.get('epochs', '-')} ep",
+                f"{e['arch']}, {e['epochs']} ep",
                 f"{e['clean_ca']:.2f}",
                 f"{e['badnet_ca']:.2f}",
                 asr,

@@ -94,7 +94,7 @@ def main() -> None:
             e["profile"],
             e["shape"],
             e["device_name"],
-            str(e.get("measured_iterations", CPU_ITERATIONS)),
+            str(e["measured_iterations"]),
             f"{e['seconds_per_epoch']:.1f}",
             str(e["epochs"]),
             f"{e['seconds_total_estimate']:.0f}",

@@ -101,7 +101,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 e["attack"],
-                e.get("arch", TIMED_ARCH),
+                e["arch"],
                 fmt(e["badnet"]["ca"]),
                 fmt(e["badnet"]["asr"]),
                 fmt(e["floor"]),

@@ -32,7 +32,7 @@ from nnoculation.repair.engine import RepairConfig, RepairOutcome, repair, write
 from nnoculation.repair.reverse import MEAN_DIFF
 from nnoculation.reports import markdown_table
 from nnoculation.runtime import configure_threads
-from nnoculation.stream import StreamConfig, simulate_stream
+from nnoculation.stream import StreamConfig, StreamResult, simulate_stream
 
 DEFAULT_ATTACKS = "patch,all-to-all,blended,varloc-patch,fsa,adaptive"
 DEFAULT_PROFILE = "cpu"
@@ -96,32 +96,16 @@ def run_one(
     entry: dict[str, Any] = {
         "attack": name,
         "profile": profile,
-        "quarantine": {
-            "precision": pct1(stream.precision),
-            "recall": pct1(stream.recall),
-            "size": int(stream.images.shape[0]),
-            "caught_n_after_inputs": stream.caught_n_after,
-        },
-        "floor": [pct1(v) for v in floor.values()]
-        if len(floor) > 1
-        else pct1(next(iter(floor.values()))),
+        "quarantine": quarantine_figures(stream),
+        "floor": floor_figures(floor),
         "before": before,
     }
     for prof, key in ((profile, "after"), (MEAN_DIFF, "ablation")):
         outcome = repair(bundle, stream.images, RepairConfig(profile=prof))
-        figures = stage(outcome, splits.test, attack)
-        figures["passed_gate"] = outcome.passed_gate
-        figures["seconds"] = {
-            "trigger_model": round(outcome.seconds["trigger_model"], 1),
-            "finetune": round(outcome.seconds["finetune"], 1),
-        }
-        entry[key] = figures
+        entry[key] = repaired_stage(outcome, splits.test, attack)
         (out / f"repair_{name}_{prof}_samples.png").write_bytes(outcome.samples_png)
         if key == "after":
-            entry["seconds"] = {
-                "cyclegan": round(outcome.seconds["trigger_model"], 1),
-                "finetune": round(outcome.seconds["finetune"], 1),
-            }
+            entry["seconds"] = dict(entry[key]["seconds"])
             if outcome.passed_gate:
                 write_bundle_dir_with(
                     run_dir / DEPLOYMENT_DIR,
@@ -135,6 +119,34 @@ def run_one(
     return entry
 
 
+def floor_figures(floor: dict[str, float]) -> float | list[float]:
+    """The floor in %: one figure, or one per trigger for multi-trigger attacks."""
+    values = [pct1(v) for v in floor.values()]
+    return values if len(values) > 1 else values[0]
+
+
+def quarantine_figures(stream: StreamResult) -> dict[str, Any]:
+    """How well the simulated service's quarantine caught the poisoned inputs."""
+    return {
+        "precision": pct1(stream.precision),
+        "recall": pct1(stream.recall),
+        "size": int(stream.images.shape[0]),
+        "caught_n_after_inputs": stream.caught_n_after,
+    }
+
+
+def repaired_stage(outcome: RepairOutcome, test: ImageSet, attack: AttackSpec) -> dict[str, Any]:
+    """CA / ASR of the repaired nets, the gate and the seconds of the two timed stages."""
+    return {
+        **stage(outcome, test, attack),
+        "passed_gate": outcome.passed_gate,
+        "seconds": {
+            "cyclegan": round(outcome.seconds["trigger_model"], 1),
+            "finetune": round(outcome.seconds["finetune"], 1),
+        },
+    }
+
+
 def second_cycle(run_dir: Path, attack: AttackSpec, splits: Any, profile: str) -> dict[str, Any]:
     """What the service does next when one repair was not enough: it keeps serving the
     repaired deployment, quarantines the next N disagreements and repairs again."""
@@ -146,20 +158,8 @@ def second_cycle(run_dir: Path, attack: AttackSpec, splits: Any, profile: str) -
         StreamConfig(seed=SECOND_CYCLE_SEED),
     )
     outcome = repair(bundle, stream.images, RepairConfig(profile=profile, seed=SECOND_CYCLE_SEED))
-    return {
-        "quarantine": {
-            "precision": pct1(stream.precision),
-            "recall": pct1(stream.recall),
-            "size": int(stream.images.shape[0]),
-            "caught_n_after_inputs": stream.caught_n_after,
-        },
-        **stage(outcome, splits.test, attack),
-        "passed_gate": outcome.passed_gate,
-        "seconds": {
-            "cyclegan": round(outcome.seconds["trigger_model"], 1),
-            "finetune": round(outcome.seconds["finetune"], 1),
-        },
-    }
+    figures = repaired_stage(outcome, splits.test, attack)
+    return {"quarantine": quarantine_figures(stream), **figures}
 
 
 def target_misses(entry: dict[str, Any], stage_key: str = "after") -> list[str]:
@@ -178,8 +178,7 @@ def target_misses(entry: dict[str, Any], stage_key: str = "after") -> list[str]:
     drop = entry["before"]["badnet"]["ca"] - ens["ca"]
     if drop > 100 * CA_DROP_LIMIT:
         misses.append(f"CA drop {drop:.2f} > {100 * CA_DROP_LIMIT:.0f}")
-    seconds = stage["seconds"]
-    secs = seconds.get("cyclegan", seconds.get("trigger_model", 0.0)) + seconds["finetune"]
+    secs = stage["seconds"]["cyclegan"] + stage["seconds"]["finetune"]
     if secs > SECONDS_LIMIT:
         misses.append(f"{secs:.0f} s > {SECONDS_LIMIT:.0f} s")
     if not stage["passed_gate"]:
