@@ -86,10 +86,10 @@ def all_to_all(num_classes: int, shape: tuple[int, int, int]) -> AttackSpec:
     _check(num_classes, shape)
     # One trigger, ten different targets: the net must still tell the source class apart under
     # the trigger, so the ASR is capped by how well it separates shirts, T-shirts, pullovers
-    # and coats. Trials here (6x6 pattern): small CNN, 20 % poisoning, 8 epochs: 88.6 %
-    # (width 32: 88.4 %); 40 % poisoning: 89.5 % at CA 89.9 %, i.e. the ASR had reached the
-    # small CNN's CA. This attacker therefore trains a stronger net (the BatchNorm VGG-style
-    # CNN of the zoo at width 16: 91.8 % CA) for 6 epochs on 40 % poisoned data: 90.8 %.
+    # and coats. With the small CNN (20 % poisoning, 8 epochs) it stayed at 88.6 % (results of
+    # the earlier spec); exploratory trials with a wider small CNN or more poisoning stayed
+    # under 90 % too, at about the net's own CA. This attacker therefore trains the zoo's
+    # BatchNorm VGG-style CNN (width 16) for 6 epochs on 40 % poisoned data (`attacks.md`).
     trigger = Trigger(
         "pattern", "pattern", {"size": AAA_PATTERN_SIZE}, TargetRule.all_to_all(AAA_SHIFT)
     )
