@@ -35,6 +35,7 @@ from nnoculation.predeploy import (
 )
 from nnoculation.recipes import Recipe, default_recipe
 from nnoculation.repair.engine import RepairConfig, repair, repair_summary, write_repaired_bundle
+from nnoculation.repair.purify import PurifyConfig
 from nnoculation.repair.quarantine import load_quarantine
 from nnoculation.repair.reverse import repair_profiles
 from nnoculation.reports import pct
@@ -234,8 +235,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
         theta=args.theta,
         seed=args.seed,
         cyclegan_epochs=args.epochs,
+        cyclegan_lr=args.cyclegan_lr,
         time_budget_s=args.time_budget,
         checkpoint_dir=args.checkpoint_dir,
+        purify=PurifyConfig(enabled=not args.no_purify, min_share=args.purify_min_share),
     )
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
     out = Path(args.out)
@@ -341,12 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", required=True, help=".npz or folder of quarantined images")
     p.add_argument("--profile", default=RepairConfig.profile, choices=repair_profiles())
     p.add_argument("--epochs", type=int, help="CycleGAN epochs (default: the profile's)")
+    p.add_argument("--cyclegan-lr", type=float, help="CycleGAN learning rate (default: profile's)")
     p.add_argument("--finetune-epochs", type=int, default=RepairConfig.finetune_epochs)
     p.add_argument("--finetune-lr", type=float, help="default: the BadNet's original lr")
     p.add_argument("--domain-a-size", type=int, default=RepairConfig.domain_a_size)
     p.add_argument("--theta", type=float, help="gate tolerance (default: the deployment's)")
     p.add_argument("--time-budget", type=float, help="CycleGAN wall-time budget in seconds")
     p.add_argument("--checkpoint-dir", help="CycleGAN checkpoints; an interrupted run resumes")
+    p.add_argument(
+        "--no-purify",
+        action="store_true",
+        help="fit the trigger model to the whole quarantine (the paper), not only to the "
+        "inputs the BadNet gives an over-represented label",
+    )
+    p.add_argument(
+        "--purify-min-share",
+        type=float,
+        default=PurifyConfig.min_share,
+        help="share of the quarantine at which a BadNet label is taken for a target",
+    )
     p.add_argument("--attack-spec", help="attack.json to measure ASR before/after (evaluation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

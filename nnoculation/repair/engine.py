@@ -2,7 +2,9 @@
 config) to repaired nets ready to publish, or a refusal with its reason.
 
 1. poison(x) is learned from domain A (``domain_a_size`` clean validation images, 500 by
-   default, sec. 4.2.2) and domain B (the quarantine) with the chosen repair profile;
+   default, sec. 4.2.2) and domain B (the quarantine, purified of the clean disagreements
+   where the BadNet's answers single out its targets: :mod:`nnoculation.repair.purify`) with
+   the chosen repair profile;
 2. the *treatment set* is poison(validation) labelled with the validation labels;
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation;
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
@@ -31,6 +33,7 @@ from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
+from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.reverse import PoisonModel, fit_poison
 from nnoculation.training import Optimizer, TrainConfig, train
 
@@ -54,8 +57,10 @@ class RepairConfig:
     theta: float | None = None  # default: the theta the deployment was made with
     seed: int = 0
     cyclegan_epochs: int | None = None  # override the profile's epochs
+    cyclegan_lr: float | None = None  # override the profile's learning rate
     time_budget_s: float | None = None  # CycleGAN wall-time budget
     checkpoint_dir: str | None = None  # CycleGAN checkpoints (resume after interruption)
+    purify: PurifyConfig = field(default_factory=PurifyConfig)  # domain B = targets' inputs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +80,7 @@ class RepairOutcome:
     seconds: dict[str, float]
     quarantine_sha256: str
     quarantine_size: int
+    purified: Purified
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
 
@@ -87,6 +93,7 @@ class RepairOutcome:
             "holdout_ca": self.holdout,
             "seconds": self.seconds,
             "quarantine": {"size": self.quarantine_size, "sha256": self.quarantine_sha256},
+            "purify": self.purified.report(),
             "evaluation": {
                 stage: {role: ev.to_dict() for role, ev in nets.items()}
                 for stage, nets in self.evaluation.items()
@@ -111,7 +118,8 @@ def bundle_validation(bundle: Bundle) -> Validation:
 
 
 def sample_grid(clean: torch.Tensor, poisoned: torch.Tensor, quarantine: torch.Tensor) -> bytes:
-    """PNG: a row of clean images, their poison(x), and a row of quarantined images."""
+    """PNG: a row of clean images, their poison(x), and a row of domain-B (quarantined)
+    images."""
     from PIL import Image
 
     n = min(SAMPLE_COUNT, clean.shape[0], quarantine.shape[0])
@@ -168,14 +176,18 @@ def repair(
     domain_a = val.retrain.images[pick]
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    purified = purify_quarantine(quarantine, badnet, len(bundle.class_names), cfg.purify)
+    seconds["purify"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     poison = fit_poison(
         cfg.profile,
         domain_a,
-        quarantine,
+        purified.images,
         seed=cfg.seed,
         checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
         time_budget_s=cfg.time_budget_s,
         epochs=cfg.cyclegan_epochs,
+        lr=cfg.cyclegan_lr,
         progress=progress,
     )
     seconds["trigger_model"] = time.perf_counter() - t0
@@ -222,7 +234,8 @@ def repair(
         seconds=seconds,
         quarantine_sha256=hashlib.sha256(quarantine.numpy().tobytes()).hexdigest(),
         quarantine_size=int(quarantine.shape[0]),
-        samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), quarantine),
+        purified=purified,
+        samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), purified.images),
     )
     if test is not None:
         outcome.evaluation = {
@@ -276,6 +289,15 @@ def write_repaired_bundle(
     )
 
 
+def _purify_line(purified: Purified, size: int) -> str:
+    if not purified.applied:
+        return f"  domain B: the whole quarantine ({size} images; no BadNet label stands out)"
+    return (
+        f"  domain B: {purified.images.shape[0]} of {size} quarantined images, those the BadNet "
+        f"labels {', '.join(map(str, purified.target_labels))}"
+    )
+
+
 def repair_summary(outcome: RepairOutcome) -> str:
     """A few lines for people: gate verdict, hold-out CA, seconds per stage, ASR if measured."""
     h = outcome.holdout
@@ -284,6 +306,7 @@ def repair_summary(outcome: RepairOutcome) -> str:
         + ("passed the validation gate" if outcome.passed_gate else "FAILED the validation gate"),
         f"  hold-out CA: baseline {h['baseline']:.2%}; BadNet {h['badnet_before']:.2%} -> "
         f"{h['badnet_after']:.2%}; GoodNet {h['goodnet_before']:.2%} -> {h['goodnet_after']:.2%}",
+        _purify_line(outcome.purified, outcome.quarantine_size),
         "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in outcome.seconds.items()),
     ]
     for stage, nets in outcome.evaluation.items():

@@ -14,7 +14,7 @@ select them by name alike:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -122,17 +122,22 @@ def fit_poison(
     checkpoint_dir: Path | None = None,
     time_budget_s: float | None = None,
     epochs: int | None = None,
+    lr: float | None = None,
     progress: bool = True,
 ) -> PoisonModel:
-    """Learn poison(x) with the named profile from uint8 domains A (clean) and B (quarantine)."""
+    """Learn poison(x) with the named profile from uint8 domains A (clean) and B (quarantine);
+    ``epochs`` and ``lr`` override the CycleGAN profile's."""
     start = time.perf_counter()
     if profile == MEAN_DIFF:
         delta = domain_b.to(torch.float32).mean(0) - domain_a.to(torch.float32).mean(0)
         return MeanDiffPoison(delta, time.perf_counter() - start)
+    cyclegan = CYCLEGAN_PROFILES.get(profile)
+    if lr is not None:
+        cyclegan = replace(cyclegan, lr=lr)
     result = train_cyclegan(
         domain_a,
         domain_b,
-        CYCLEGAN_PROFILES.get(profile),
+        cyclegan,
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         time_budget_s=time_budget_s,
