@@ -22,6 +22,7 @@ from nnoculation.metrics import evaluate
 from nnoculation.repair.engine import (
     TRIGGER_MODEL_GROUP,
     RepairConfig,
+    bundle_validation,
     make_treatment,
     repair,
     write_repaired_bundle,
@@ -50,6 +51,14 @@ def test_treatment_is_poisoned_validation_with_true_labels() -> None:
     assert not torch.equal(treatment.images, clean.images)
 
 
+def test_fit_poison_overrides_the_profiles_learning_rate() -> None:
+    clean = synthetic_set(16, seed=1).images
+    poison = fit_poison("test", clean, clean.flip(-1), lr=1e-3, progress=False)
+    report = poison.report()
+    assert report["profile"]["lr"] == 1e-3
+    assert report["losses"][0]["lr"] == pytest.approx(1e-3)
+
+
 def test_repair_unlearns_a_fixed_patch_and_publishes_a_child_version(
     tiny_net: Net, tmp_path: Path
 ) -> None:
@@ -75,6 +84,27 @@ def test_repair_unlearns_a_fixed_patch_and_publishes_a_child_version(
     )
     clean = test.images[:8]
     assert torch.equal(stored.apply(clean), outcome.poison.apply(clean))
+
+
+def test_trigger_model_is_fit_to_the_purified_quarantine(tiny_net: Net, tmp_path: Path) -> None:
+    path, attack, _ = make_deployment(tiny_net, tmp_path)
+    bundle = load_bundle(path)
+    clean = synthetic_set(QUARANTINE_SIZE // 3, seed=33).images  # clean disagreements
+    mixed = torch.cat([_quarantine(attack), clean])
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=1.0)
+    outcome = repair(bundle, mixed, cfg, progress=False)
+    target = int(attack.triggers[0].target.targets(torch.zeros(1, dtype=torch.long), 4)[0])
+    labels = bundle.net("badnet").predict(mixed)
+    purified = outcome.purified
+    assert purified.applied and target in purified.target_labels
+    assert torch.equal(purified.kept, torch.isin(labels, torch.tensor(purified.target_labels)))
+    assert 0 < int(purified.kept[QUARANTINE_SIZE:].sum()) < len(clean)  # most clean ones go
+    val = bundle_validation(bundle)
+    pick = torch.randperm(len(val.retrain), generator=torch.Generator().manual_seed(cfg.seed))
+    domain_a = val.retrain.images[pick[: cfg.domain_a_size]].float()
+    expected = mixed[purified.kept].float().mean(0) - domain_a.mean(0)
+    assert torch.allclose(outcome.poison.state()["delta"], expected)
+    assert outcome.report()["purify"]["kept"] == int(purified.kept.sum())
 
 
 def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> None:
