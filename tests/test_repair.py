@@ -107,6 +107,19 @@ def test_trigger_model_is_fit_to_the_purified_quarantine(tiny_net: Net, tmp_path
     assert outcome.report()["purify"]["kept"] == int(purified.kept.sum())
 
 
+def test_a_given_trigger_model_is_used_instead_of_a_fitted_one(
+    tiny_net: Net, tmp_path: Path
+) -> None:
+    path, attack, _ = make_deployment(tiny_net, tmp_path)
+    bundle = load_bundle(path)
+    quarantine = _quarantine(attack)
+    known = fit_poison(MEAN_DIFF, synthetic_set(20, seed=5).images, quarantine)
+    cfg = RepairConfig(profile="paper", theta=1.0)  # a fitted paper CycleGAN would take minutes
+    outcome = repair(bundle, quarantine, cfg, progress=False, poison=known)
+    assert outcome.poison is known
+    assert outcome.report()["trigger_model"]["kind"] == MEAN_DIFF
+
+
 def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> None:
     path, attack, _ = make_deployment(tiny_net, tmp_path)
     q = tmp_path / "q.npz"

@@ -161,11 +161,14 @@ def repair(
     test: ImageSet | None = None,
     attack: AttackSpec | None = None,
     progress: bool = True,
+    poison: PoisonModel | None = None,
 ) -> RepairOutcome:
     """Learn the trigger from ``quarantine``, fine-tune both nets, apply the gate.
 
     ``test`` / ``attack`` are for evaluation only (CA / ASR before and after); they never
-    influence the repair.
+    influence the repair. ``poison`` replaces the learned trigger model with a given one (a
+    trigger known from elsewhere; the benchmarks pass the attack's own trigger to measure what
+    a perfect trigger model would reach).
     """
     bundle.spec.check(quarantine)
     lr, optimizer, theta, baseline = _settings(bundle, cfg)
@@ -179,17 +182,18 @@ def repair(
     purified = purify_quarantine(quarantine, badnet, len(bundle.class_names), cfg.purify)
     seconds["purify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    poison = fit_poison(
-        cfg.profile,
-        domain_a,
-        purified.images,
-        seed=cfg.seed,
-        checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
-        time_budget_s=cfg.time_budget_s,
-        epochs=cfg.cyclegan_epochs,
-        lr=cfg.cyclegan_lr,
-        progress=progress,
-    )
+    if poison is None:
+        poison = fit_poison(
+            cfg.profile,
+            domain_a,
+            purified.images,
+            seed=cfg.seed,
+            checkpoint_dir=Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None,
+            time_budget_s=cfg.time_budget_s,
+            epochs=cfg.cyclegan_epochs,
+            lr=cfg.cyclegan_lr,
+            progress=progress,
+        )
     seconds["trigger_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     training_set = ImageSet.concat([make_treatment(poison, val.retrain), val.retrain])
