@@ -348,7 +348,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
     ]
     for e in entries:
         parts.append(
-            f"`{e['attack']}`: clean | poison(clean) | quarantine  "
+            f"`{e['attack']}`: clean | poison(clean) | domain B  "
             f"![{e['attack']}](repair_{e['attack']}_{e['profile']}_samples.png)"
         )
         parts.append("")
