@@ -239,6 +239,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget,
         checkpoint_dir=args.checkpoint_dir,
         purify=PurifyConfig(enabled=not args.no_purify, min_share=args.purify_min_share),
+        affine_share=args.affine_share,
     )
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
     out = Path(args.out)
@@ -356,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit the trigger model to the whole quarantine (the paper), not only to the "
         "inputs the BadNet gives an over-represented label",
+    )
+    p.add_argument(
+        "--affine-share",
+        type=float,
+        default=RepairConfig.affine_share,
+        help="share of treatment images taken from the per-pixel affine fit of the trigger "
+        "model (0: all G(x), as in the paper)",
     )
     p.add_argument(
         "--purify-min-share",

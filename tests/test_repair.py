@@ -23,12 +23,12 @@ from nnoculation.repair.engine import (
     TRIGGER_MODEL_GROUP,
     RepairConfig,
     bundle_validation,
-    make_treatment,
     repair,
     write_repaired_bundle,
 )
 from nnoculation.repair.quarantine import QuarantineError, load_quarantine
 from nnoculation.repair.reverse import MEAN_DIFF, fit_poison, load_poison
+from nnoculation.repair.treatment import make_treatment
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import make_deployment, triggered
 

@@ -162,9 +162,12 @@ def repair_configs(profile: str) -> dict[str, RepairConfig]:
         "after": RepairConfig(profile=profile),
         "ablation": RepairConfig(profile=MEAN_DIFF),
         "paper_recipe": RepairConfig(
-            profile=profile, cyclegan_lr=PAPER.lr, purify=PurifyConfig(enabled=False)
+            profile=profile,
+            cyclegan_lr=PAPER.lr,
+            purify=PurifyConfig(enabled=False),
+            affine_share=0.0,
         ),
-        "true_trigger": RepairConfig(profile=profile),
+        "true_trigger": RepairConfig(profile=profile, affine_share=0.0),
     }
 
 
@@ -329,12 +332,14 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "Stream: 20 % of inputs poisoned, quarantine N = 200; repair profile `cpu` (CycleGAN, "
         "learning rate 1.5e-3) on domain B = the quarantined inputs the BadNet gives an "
         "over-represented label (`nnoculation/repair/purify.py`; 'images / P' is how many "
-        "were kept and the share of them that carried a trigger). Peers on the same "
-        "quarantine: the mean-difference ablation of sec. 6.2, and the paper's recipe (the "
-        "same profile at the paper's CycleGAN learning rate 2e-4 on the whole quarantine, "
-        "this project's default before purification). The true-trigger ceiling fine-tunes on "
-        "the attack's own trigger instead of a learned one (evaluation only): no trigger model "
-        "can do better with this fine-tune. The default repair is re-run with seeds 1 "
+        "were kept and the share of them that carried a trigger); half of the treatment set "
+        "from the per-pixel affine fit of G (`nnoculation/repair/treatment.py`). Peers on "
+        "the same quarantine: the mean-difference ablation of sec. 6.2, and the paper's "
+        "recipe (the same profile at the paper's CycleGAN learning rate 2e-4 on the whole "
+        "quarantine, treatment all G(x): this project's default before this change). "
+        "The true-trigger ceiling fine-tunes on the attack's own trigger instead of a "
+        "learned one (evaluation only): no trigger model can do better with this fine-tune. "
+        "The default repair is re-run with seeds 1 "
         "and 2 on the same quarantine to show how much of a verdict is the seed's; the "
         "verdict is seed 0's. All figures in "
         "% on the 5,000-image test pool. The ensemble answers with the GoodNet's label, so its "

@@ -5,7 +5,8 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    default, sec. 4.2.2) and domain B (the quarantine, purified of the clean disagreements
    where the BadNet's answers single out its targets: :mod:`nnoculation.repair.purify`) with
    the chosen repair profile;
-2. the *treatment set* is poison(validation) labelled with the validation labels;
+2. the *treatment set* is poison(validation) labelled with the validation labels, half of it
+   from a per-pixel affine fit of poison (:mod:`nnoculation.repair.treatment`);
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation;
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
    deployment's baseline (the original BadNet's hold-out CA), else nothing is published.
@@ -35,6 +36,7 @@ from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.reverse import PoisonModel, fit_poison
+from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
 from nnoculation.training import Optimizer, TrainConfig, train
 
 DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
@@ -61,6 +63,7 @@ class RepairConfig:
     time_budget_s: float | None = None  # CycleGAN wall-time budget
     checkpoint_dir: str | None = None  # CycleGAN checkpoints (resume after interruption)
     purify: PurifyConfig = field(default_factory=PurifyConfig)  # domain B = targets' inputs
+    affine_share: float = DEFAULT_AFFINE_SHARE  # treatment images from the denoised fit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,11 +136,6 @@ def sample_grid(clean: torch.Tensor, poisoned: torch.Tensor, quarantine: torch.T
     return buf.getvalue()
 
 
-def make_treatment(poison: PoisonModel, validation: ImageSet) -> ImageSet:
-    """The treatment set D_treat = poison(D_valid) with the validation (true) labels, sec. 3.3."""
-    return validation.with_images(poison.apply(validation.images))
-
-
 def _settings(bundle: Bundle, cfg: RepairConfig) -> tuple[float, Optimizer, float, float]:
     prov = bundle.manifest.provenance.get("predeploy")
     baseline = bundle.manifest.metrics.get("baseline_holdout_ca")
@@ -196,7 +194,8 @@ def repair(
         )
     seconds["trigger_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    training_set = ImageSet.concat([make_treatment(poison, val.retrain), val.retrain])
+    treatment = make_treatment(poison, val.retrain, cfg.affine_share, cfg.seed)
+    training_set = ImageSet.concat([treatment, val.retrain])
     seconds["treatment"] = time.perf_counter() - t0
     recipe = TrainConfig(
         epochs=cfg.finetune_epochs,
