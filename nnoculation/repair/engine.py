@@ -5,8 +5,8 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    default, sec. 4.2.2) and domain B (the quarantine, purified of the clean disagreements
    where the BadNet's answers single out its targets: :mod:`nnoculation.repair.purify`) with
    the chosen repair profile;
-2. the *treatment set* is poison(validation) labelled with the validation labels, half of it
-   from a per-pixel affine fit of poison (:mod:`nnoculation.repair.treatment`);
+2. the *treatment set* is poison(validation) labelled with the validation labels (optionally
+   part of it from a per-pixel affine fit of poison: :mod:`nnoculation.repair.treatment`);
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation;
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
    deployment's baseline (the original BadNet's hold-out CA), else nothing is published.
