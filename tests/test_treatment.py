@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnoculation.repair.reverse import fit_poison
-from nnoculation.repair.treatment import AffinePoison, fit_affine, make_treatment
+from nnoculation.repair.treatment import fit_affine, make_treatment
 from tests.conftest import synthetic_set
 
 
@@ -52,6 +52,6 @@ def test_mixed_treatment_replaces_the_given_share_and_keeps_labels() -> None:
 
 def test_affine_share_outside_the_unit_interval_is_refused() -> None:
     clean = synthetic_set(8, seed=1)
-    poison = AffinePoison(torch.ones(1, 12, 12), torch.zeros(1, 12, 12))
+    poison = fit_poison("mean-diff", clean.images, _tone_filter(clean.images))
     with pytest.raises(ValueError, match="affine_share"):
-        make_treatment(poison, clean, affine_share=1.5)  # type: ignore[arg-type]
+        make_treatment(poison, clean, affine_share=1.5)

@@ -4,8 +4,8 @@ the over-represented labels.
 Why. The quarantine holds every input on which BadNet and GoodNet disagree. Beside the
 attacker's inputs it holds clean inputs that the two nets simply disagree on: on a 20 %
 poisoned Fashion-MNIST stream those are 25 to 40 % of it (quarantine precision in
-``docs/results/repair.md``). A CycleGAN fit to that mixture learns a poison(x) that adds the
-trigger to only part of its outputs, and the fine-tune then unlearns only part of the backdoor.
+``docs/results/repair.md``). A CycleGAN fit to that mixture is taught to imitate images that
+carry no trigger as well as the attacker's.
 
 How. A backdoor with one target (all-to-one) or a few (multi-trigger, multi-target) makes the
 BadNet's answers on the attacker's inputs pile up on its targets, while its answers on clean
@@ -71,7 +71,7 @@ def purify_quarantine(
 ) -> Purified:
     """The quarantined images whose BadNet label holds >= ``cfg.min_share`` of the quarantine,
     or the whole quarantine when purification is off or those keep < ``cfg.min_kept`` of it."""
-    labels = badnet.predict(quarantine) if len(quarantine) else torch.zeros(0, dtype=torch.long)
+    labels = badnet.predict(quarantine)
     counts = torch.bincount(labels, minlength=num_classes)
     total = max(len(quarantine), 1)
     targets = tuple(int(c) for c in torch.nonzero(counts >= cfg.min_share * total).flatten())

@@ -21,14 +21,12 @@ option stays opt-in until that is understood.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from nnoculation.data.imageset import ImageSet
-from nnoculation.repair.reverse import PoisonModel
+from nnoculation.repair.reverse import PIXEL_MAX, PoisonModel
 
-PIXEL_MAX = 255
 MIN_VARIANCE = 1.0  # grey levels^2: a pixel that barely varies over validation gets shift only
 DEFAULT_AFFINE_SHARE = 0.0
 
@@ -39,18 +37,10 @@ class AffinePoison:
 
     scale: torch.Tensor
     shift: torch.Tensor
-    kind: str = "affine-fit"
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         out = self.scale * images.to(torch.float32) + self.shift
         return out.round().clamp(0, PIXEL_MAX).to(torch.uint8)
-
-    def report(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "mean_scale": float(self.scale.mean()),
-            "mean_shift": float(self.shift.mean()),
-        }
 
 
 def fit_affine(clean: torch.Tensor, poisoned: torch.Tensor) -> AffinePoison:
