@@ -112,10 +112,10 @@ class Net:
         x = self.spec.to_model_input(images_uint8.to(self.device))
         return self.module(x)
 
-    def predict(
+    def scores(
         self, images_uint8: torch.Tensor, batch_size: int = PREDICT_BATCH_SIZE
     ) -> torch.Tensor:
-        """Predicted labels (int64, on CPU) in eval mode and without gradients, batch by batch.
+        """Logits (float32, on CPU) in eval mode and without gradients, batch by batch.
 
         The module's train/eval mode is restored afterwards.
         """
@@ -124,15 +124,21 @@ class Net:
         self.train_mode(False)
         try:
             with torch.no_grad():
-                labels = [
-                    self.logits(images_uint8[start : start + batch_size]).argmax(dim=1).cpu()
+                parts = [
+                    self.logits(images_uint8[start : start + batch_size]).float().cpu()
                     for start in range(0, images_uint8.shape[0], batch_size)
                 ]
         finally:
             self.train_mode(was_training)
-        if not labels:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat(labels)
+        if not parts:
+            return torch.zeros(0, self.num_classes)
+        return torch.cat(parts)
+
+    def predict(
+        self, images_uint8: torch.Tensor, batch_size: int = PREDICT_BATCH_SIZE
+    ) -> torch.Tensor:
+        """Predicted labels (int64, on CPU): the arg-max of :meth:`scores`."""
+        return self.scores(images_uint8, batch_size).argmax(dim=1)
 
     def train_mode(self, flag: bool) -> Net:
         """Switch train/eval mode where the format allows it.

@@ -240,6 +240,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         purify=PurifyConfig(enabled=not args.no_purify, min_share=args.purify_min_share),
         affine_share=args.affine_share,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
     )
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
     out = Path(args.out)
@@ -365,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of treatment images taken from the per-pixel affine fit of the trigger "
         "model (0: all G(x), as in the paper)",
     )
+    p.add_argument(
+        "--distill-weight",
+        type=float,
+        default=RepairConfig.distill_weight,
+        help="weight of the BadNet's soft answers in the GoodNet's loss on clean validation "
+        "images (0: labels alone, as in the paper)",
+    )
+    p.add_argument("--distill-temperature", type=float, default=RepairConfig.distill_temperature)
     p.add_argument(
         "--purify-min-share",
         type=float,

@@ -53,6 +53,39 @@ class TrainStats:
     final_loss: float
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Soft targets for part of a training set (knowledge distillation, Hinton et al. 2015).
+
+    Row ``i`` of ``logits`` is the teacher's answer for image ``i`` of the training set; only
+    the rows where ``mask`` is set are used. Their loss is ``(1 - weight) * CE(label) +
+    weight * T^2 * KL(teacher_T || student_T)``; the other images keep plain cross-entropy.
+    """
+
+    logits: torch.Tensor
+    mask: torch.Tensor
+    weight: float
+    temperature: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"distillation weight must lie in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"distillation temperature must be positive, got {self.temperature}")
+        if self.logits.shape[0] != self.mask.shape[0]:
+            raise ValueError("distillation logits and mask must have one row per image")
+
+    def loss(self, student: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of the per-image losses above."""
+        ce = F.cross_entropy(student, labels, reduction="none")
+        t = self.temperature
+        teacher = F.softmax(self.logits[idx].to(student.device) / t, dim=1)
+        kl = F.kl_div(F.log_softmax(student / t, dim=1), teacher, reduction="none").sum(1)
+        soft = self.mask[idx].to(student.device)
+        mixed = (1 - self.weight) * ce + self.weight * t * t * kl
+        return torch.where(soft, mixed, ce).mean()
+
+
 EpochData = Callable[[int], ImageSet]
 """Gives the training set of an epoch (lets fresh noise be drawn every epoch)."""
 
@@ -75,12 +108,16 @@ def train(
     cfg: TrainConfig,
     desc: str = "train",
     progress: bool = True,
+    distill: Distillation | None = None,
 ) -> TrainStats:
     """Train ``net`` in place with cross-entropy; ``data`` is a set or a per-epoch callback.
 
+    ``distill`` adds soft targets to part of a fixed training set (the repair's fine-tune).
     Batches are drawn from a generator seeded with ``cfg.seed``, so the same inputs give the
     same weights on the same machine.
     """
+    if distill is not None and (callable(data) or len(data) != distill.mask.shape[0]):
+        raise ValueError("distillation needs a fixed training set with one teacher row per image")
     device = next(net.module.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -98,7 +135,8 @@ def train(
                 idx = order[i : i + cfg.batch_size]
                 x = net.spec.to_model_input(epoch_set.images[idx].to(device))
                 y = epoch_set.labels[idx].to(device)
-                loss = F.cross_entropy(net.module(x), y)
+                out = net.module(x)
+                loss = F.cross_entropy(out, y) if distill is None else distill.loss(out, y, idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

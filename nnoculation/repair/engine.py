@@ -7,9 +7,20 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    the chosen repair profile;
 2. the *treatment set* is poison(validation) labelled with the validation labels (optionally
    part of it from a per-pixel affine fit of poison: :mod:`nnoculation.repair.treatment`);
-3. BadNet and GoodNet are fine-tuned on treatment U clean validation;
+3. BadNet and GoodNet are fine-tuned on treatment U clean validation; on the clean images the
+   GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
    deployment's baseline (the original BadNet's hold-out CA), else nothing is published.
+
+Why the GoodNet distils the BadNet on clean images. The GoodNet was retrained at a high
+learning rate on the small validation set, so it answers clean inputs worse than the BadNet
+(up to theta worse, by the selection rule), and since the ensemble answers with the GoodNet's
+label, that gap is the deployment's. On clean validation images the BadNet is the best model
+the defender has and its backdoor stays silent, so the GoodNet's loss on them mixes the labels'
+cross-entropy with the BadNet's temperature-softened answers (weight ``distill_weight``); the
+treatment images keep the labels alone, because on them the BadNet answers with the backdoor.
+``make results-repair`` measures the effect against a repair without it (column "no
+distillation").
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -37,10 +48,12 @@ from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.reverse import PoisonModel, fit_poison
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
-from nnoculation.training import Optimizer, TrainConfig, train
+from nnoculation.training import Distillation, Optimizer, TrainConfig, train
 
 DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
 DEFAULT_FINETUNE_EPOCHS = 3
+DEFAULT_DISTILL_WEIGHT = 0.9  # share of the BadNet's soft answers in the GoodNet's clean loss
+DEFAULT_DISTILL_TEMPERATURE = 4.0
 SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
 SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
 TRIGGER_MODEL_GROUP = "trigger_model"
@@ -64,6 +77,8 @@ class RepairConfig:
     checkpoint_dir: str | None = None  # CycleGAN checkpoints (resume after interruption)
     purify: PurifyConfig = field(default_factory=PurifyConfig)  # domain B = targets' inputs
     affine_share: float = DEFAULT_AFFINE_SHARE  # treatment images from the denoised fit
+    distill_weight: float = DEFAULT_DISTILL_WEIGHT  # 0: the GoodNet learns the labels alone
+    distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +166,22 @@ def _settings(bundle: Bundle, cfg: RepairConfig) -> tuple[float, Optimizer, floa
     return lr, optimizer, theta, float(baseline)
 
 
+def clean_distillation(
+    teacher: Net, training_set: ImageSet, treated: int, cfg: RepairConfig
+) -> Distillation | None:
+    """Soft targets from ``teacher`` for the clean images of ``training_set`` (those after its
+    first ``treated`` treatment images), or None when ``cfg`` switches distillation off."""
+    if cfg.distill_weight == 0:
+        return None
+    clean = torch.arange(len(training_set)) >= treated
+    return Distillation(
+        logits=teacher.scores(training_set.images),
+        mask=clean,
+        weight=cfg.distill_weight,
+        temperature=cfg.distill_temperature,
+    )
+
+
 def repair(
     bundle: Bundle,
     quarantine: torch.Tensor,
@@ -205,10 +236,11 @@ def repair(
         seed=cfg.seed,
     )
     t0 = time.perf_counter()
+    distill = clean_distillation(badnet, training_set, len(treatment), cfg)
     repaired = {}
-    for role, net in (("badnet", badnet), ("goodnet", goodnet)):
+    for role, net, soft in (("badnet", badnet, None), ("goodnet", goodnet, distill)):
         copy = net.clone()
-        train(copy, training_set, recipe, desc=f"fine-tune {role}", progress=progress)
+        train(copy, training_set, recipe, desc=f"fine-tune {role}", progress=progress, distill=soft)
         repaired[role] = copy
     seconds["finetune"] = time.perf_counter() - t0
     holdout = {
