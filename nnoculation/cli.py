@@ -242,6 +242,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         affine_share=args.affine_share,
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
+        distill_min_trigger_effect=args.distill_min_trigger_effect,
     )
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
     out = Path(args.out)
@@ -375,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
         "images (0: labels alone, as in the paper)",
     )
     p.add_argument("--distill-temperature", type=float, default=RepairConfig.distill_temperature)
+    p.add_argument(
+        "--distill-min-trigger-effect",
+        type=float,
+        default=RepairConfig.distill_min_trigger_effect,
+        help="distil only when the BadNet errs on this much more of the treatment images than "
+        "of clean ones (a trigger model that misses the trigger would let distillation "
+        "carry the backdoor over)",
+    )
     p.add_argument(
         "--purify-min-share",
         type=float,

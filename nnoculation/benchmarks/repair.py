@@ -239,6 +239,8 @@ def repaired_stage(outcome: RepairOutcome, test: ImageSet, attack: AttackSpec) -
     return {
         **stage(outcome, test, attack),
         "passed_gate": outcome.passed_gate,
+        "trigger_effect": pct1(outcome.trigger_effect),
+        "distilled": outcome.distilled,
         "seconds": {
             "cyclegan": round(outcome.seconds["trigger_model"], 1),
             "finetune": round(outcome.seconds["finetune"], 1),
@@ -316,9 +318,11 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{fmt(b['ensemble']['ca'])} / {fmt(b['ensemble']['asr'])}",
                 f"{fmt(a['badnet']['ca'])} / {fmt(a['badnet']['asr'])}",
                 f"{fmt(a['ensemble']['ca'])} / {fmt(a['ensemble']['asr'])}",
+                f"{fmt(a['trigger_effect'])} / {fmt(m['trigger_effect'])}",
                 f"{fmt(gx['ensemble']['ca'])} / {fmt(gx['ensemble']['asr'])}",
                 f"{fmt(nd['ensemble']['ca'])} / {fmt(nd['ensemble']['asr'])}",
-                f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}",
+                f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}"
+                + ("" if m["distilled"] else " (not distilled)"),
                 f"{fmt(p['ensemble']['ca'])} / {fmt(p['ensemble']['asr'])}",
                 f"{fmt(t['ensemble']['ca'])} / {fmt(t['ensemble']['asr'])}",
                 ", ".join(fmt(a) for a in e["seeds"]["ensemble_asr"]),
@@ -336,6 +340,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "before: ensemble CA/ASR",
         "after: BadNet CA/ASR",
         "after: ensemble CA/ASR",
+        "trigger effect %: G / mean-diff",
         "same G, all G(x) treatment: ensemble CA/ASR",
         "same G, no distillation: ensemble CA/ASR",
         "mean-diff peer: BadNet/ensemble ASR",
@@ -356,7 +361,9 @@ def markdown(entries: list[dict[str, Any]]) -> str:
         "a per-pixel affine fit of G (`nnoculation/repair/treatment.py`); the GoodNet's "
         "fine-tune distils the BadNet's answers on the clean validation images "
         "(`nnoculation/repair/engine.py`). The two 'same G' columns re-run the fine-tune on "
-        "the default's own generator without one of those two changes. Peers on the same "
+        "the default's own generator without one of those two changes. The trigger effect is "
+        "how many more treatment images than clean ones the BadNet gets wrong; below 25 the "
+        "repair does not distil (`--distill-min-trigger-effect`). Peers on the same "
         "quarantine: the mean-difference ablation of sec. 6.2, and the paper's recipe (the "
         "same profile at the paper's CycleGAN learning rate 2e-4 on the whole quarantine, "
         "an all-G(x) treatment, labels alone). "
