@@ -19,7 +19,7 @@ label, that gap is the deployment's. On clean validation images the BadNet is th
 the defender has and its backdoor stays silent, so the GoodNet's loss on them mixes the labels'
 cross-entropy with the BadNet's temperature-softened answers (weight ``distill_weight``); the
 treatment images keep the labels alone, because on them the BadNet answers with the backdoor.
-``make results-repair`` measures the effect against a repair without it (column "no
+``make results-repair`` measures the effect against a repair without it (column "same G, no
 distillation"). Distillation is skipped when the trigger model barely fires the BadNet (its
 *trigger effect*, below ``distill_min_trigger_effect``): the treatment then cannot counter
 what the soft answers carry of the backdoor, and the GoodNet would drift towards it (the

@@ -14,7 +14,7 @@ from it and the rest stay G(x): variable-location triggers keep their coverage.
 
 Half of the treatment comes from the fit by default (``affine_share`` 0.5; 0 gives the paper's
 all-G(x) treatment). ``make results-repair`` measures the repair without it beside the default
-(column "all G(x)").
+(column "same G, all G(x) treatment").
 """
 
 from __future__ import annotations
