@@ -375,7 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the BadNet's soft answers in the GoodNet's loss on clean validation "
         "images (0: labels alone, as in the paper)",
     )
-    p.add_argument("--distill-temperature", type=float, default=RepairConfig.distill_temperature)
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=RepairConfig.distill_temperature,
+        help="softens the BadNet's answers before the GoodNet learns them",
+    )
     p.add_argument(
         "--distill-min-trigger-effect",
         type=float,

@@ -33,7 +33,13 @@ from nnoculation.noise import generator_for
 from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
 from nnoculation.predeploy import PredeployConfig
 from nnoculation.recipes import Recipe, default_recipe
-from nnoculation.repair.engine import RepairConfig, RepairOutcome, repair, write_repaired_bundle
+from nnoculation.repair.engine import (
+    DEFAULT_MIN_TRIGGER_EFFECT,
+    RepairConfig,
+    RepairOutcome,
+    repair,
+    write_repaired_bundle,
+)
 from nnoculation.repair.purify import PurifyConfig
 from nnoculation.repair.reverse import MEAN_DIFF
 from nnoculation.reports import markdown_table
@@ -303,6 +309,13 @@ def _second_cycle_cell(entry: dict[str, Any]) -> str:
     )
 
 
+def _guard_note(stage: dict[str, Any]) -> str:
+    """Marks a repair whose trigger model fired the BadNet too little to distil."""
+    if stage["distilled"] or stage["trigger_effect"] >= 100 * DEFAULT_MIN_TRIGGER_EFFECT:
+        return ""
+    return " (not distilled)"
+
+
 def markdown(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
@@ -317,12 +330,11 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{fmt(b['badnet']['ca'])} / {fmt(b['badnet']['asr'])}",
                 f"{fmt(b['ensemble']['ca'])} / {fmt(b['ensemble']['asr'])}",
                 f"{fmt(a['badnet']['ca'])} / {fmt(a['badnet']['asr'])}",
-                f"{fmt(a['ensemble']['ca'])} / {fmt(a['ensemble']['asr'])}",
+                f"{fmt(a['ensemble']['ca'])} / {fmt(a['ensemble']['asr'])}" + _guard_note(a),
                 f"{fmt(a['trigger_effect'])} / {fmt(m['trigger_effect'])}",
                 f"{fmt(gx['ensemble']['ca'])} / {fmt(gx['ensemble']['asr'])}",
                 f"{fmt(nd['ensemble']['ca'])} / {fmt(nd['ensemble']['asr'])}",
-                f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}"
-                + ("" if m["distilled"] else " (not distilled)"),
+                f"{fmt(m['badnet']['asr'])} / {fmt(m['ensemble']['asr'])}" + _guard_note(m),
                 f"{fmt(p['ensemble']['ca'])} / {fmt(p['ensemble']['asr'])}",
                 f"{fmt(t['ensemble']['ca'])} / {fmt(t['ensemble']['asr'])}",
                 ", ".join(fmt(a) for a in e["seeds"]["ensemble_asr"]),
