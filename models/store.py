@@ -37,6 +37,7 @@ VERSION_PREFIX = "v"
 VERSION_DIGITS = 4
 VERSION_PATTERN = re.compile(rf"^{VERSION_PREFIX}(\d{{{VERSION_DIGITS},}})$")
 VERSIONS_DIR = "versions"
+DELETED_DIR = "deleted"  # tombstones: a deleted version's id is never given out again
 ACTIVE_FILE = "ACTIVE"
 TMP_PREFIX = ".tmp-"
 # Publishers that lose the race for a version id retry with the next one this many times.
@@ -58,6 +59,10 @@ class UnknownDeploymentError(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ActiveVersionError(StoreError):
+    """The operation would remove the version that is active."""
 
 
 class UnknownVersionError(StoreError, KeyError):
@@ -187,7 +192,25 @@ class ModelStore:
         return version
 
     def _numbers(self, deployment: str) -> list[int]:
-        return [version_number(v) for v in self.versions(deployment)]
+        tombstones = self._deployment_dir(deployment) / DELETED_DIR
+        deleted = [p.name for p in tombstones.iterdir()] if tombstones.is_dir() else []
+        return [version_number(v) for v in [*self.versions(deployment), *deleted]]
+
+    def delete(self, deployment: str, version: str) -> None:
+        """Remove a published version, never the active one. The bundle is renamed away first
+        (readers see it whole or not at all) and a tombstone keeps its id from being reused."""
+        path = self.path(deployment, version)
+        if self.active(deployment) == version:
+            raise ActiveVersionError(f"{version} is the active version of {deployment!r}")
+        deployment_dir = self._deployment_dir(deployment)
+        tombstones = deployment_dir / DELETED_DIR
+        tombstones.mkdir(exist_ok=True)
+        (tombstones / version).touch()
+        fsync_path(tombstones)
+        trash = deployment_dir / f"{TMP_PREFIX}deleted-{version}-{uuid.uuid4().hex}"
+        os.rename(path, trash)
+        fsync_path(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _next_version(self, deployment: str) -> str:
         return format_version(max(self._numbers(deployment), default=0) + 1)

@@ -28,6 +28,15 @@ class EnsembleOutput:
         return self.badnet_labels != self.goodnet_labels
 
 
+def ensemble_rule(badnet_labels: torch.Tensor, goodnet_labels: torch.Tensor) -> EnsembleOutput:
+    """The answer of sec. 3.3 from both nets' labels: the common label where they agree, the
+    GoodNet's where they disagree (which is the GoodNet's label either way); a disagreement
+    sends the input to quarantine. Offline simulation and online serving both call this."""
+    return EnsembleOutput(
+        labels=goodnet_labels, badnet_labels=badnet_labels, goodnet_labels=goodnet_labels
+    )
+
+
 @dataclass
 class Ensemble:
     badnet: Net
@@ -35,9 +44,7 @@ class Ensemble:
 
     def classify(self, images: torch.Tensor) -> EnsembleOutput:
         """Run both nets on uint8 ``images``; the answer is the GoodNet's label (sec. 3.3)."""
-        bad = self.badnet.predict(images)
-        good = self.goodnet.predict(images)
-        return EnsembleOutput(labels=good, badnet_labels=bad, goodnet_labels=good)
+        return ensemble_rule(self.badnet.predict(images), self.goodnet.predict(images))
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """The ensemble's answers, so it can be measured like a single net."""

@@ -14,6 +14,7 @@ from PIL import Image
 
 from models.spec import InputSpec
 from nnoculation.data.sources import IMAGE_SUFFIXES, DataNotFoundError
+from nnoculation.inputs import DecodePolicy, ImageInputError, decode_image
 
 
 class QuarantineError(ValueError):
@@ -46,24 +47,24 @@ def quarantine_from_npz(path: Path, spec: InputSpec) -> torch.Tensor:
     return _check(torch.from_numpy(np.ascontiguousarray(array)), spec, str(path))
 
 
+# Offline, images collected elsewhere may have any mode (converted) and any size (resized).
+FOLDER_POLICY = DecodePolicy(modes=None, max_pixels=Image.MAX_IMAGE_PIXELS or 1 << 30)
+
+
 def quarantine_from_folder(path: Path, spec: InputSpec) -> torch.Tensor:
-    """Every image file under ``path`` (recursively), converted to the bundle's channels and
-    resized to its input size (the service stores preprocessed images, so this only matters
-    for images collected elsewhere)."""
+    """Every image file under ``path`` (recursively), decoded by the service's own
+    preprocessing (:func:`nnoculation.inputs.decode_image`): converted to the bundle's
+    channels and resized to its input size."""
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    mode = "L" if spec.channels == 1 else "RGB"
-    arrays = []
+    images = []
     for f in files:
-        with Image.open(f) as im:
-            im = im.convert(mode)
-            if im.size != (spec.width, spec.height):
-                im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(im))
-    if not arrays:
+        try:
+            images.append(decode_image(f.read_bytes(), spec, FOLDER_POLICY))
+        except ImageInputError as err:
+            raise QuarantineError(f"{f}: {err}") from None
+    if not images:
         raise QuarantineError(f"{path}: no image files found")
-    stacked = np.stack(arrays)
-    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-    return _check(torch.from_numpy(np.ascontiguousarray(stacked)), spec, str(path))
+    return _check(torch.stack(images), spec, str(path))
 
 
 def load_quarantine(path: Path | str, spec: InputSpec) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""``nnoculation serve`` (registered through the ``nnoculation.commands`` entry point, so the
+library's CLI never imports this package): validates the settings, prepares the metrics
+folder shared by the uvicorn workers, and runs uvicorn with the app factory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pydantic import ValidationError
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="run the online API (uvicorn); settings from NNOC_* variables")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, help="uvicorn worker processes (default NNOC_WORKERS)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        if args.workers < 1:
+            print("usage error: --workers must be at least 1", file=sys.stderr)
+            return 2
+        os.environ["NNOC_WORKERS"] = str(args.workers)
+    from service.settings import ServiceSettings
+
+    try:
+        settings = ServiceSettings()
+    except ValidationError as err:
+        print(f"usage error: invalid service settings:\n{err}", file=sys.stderr)
+        return 2
+    from nnoculation.online.metrics_dir import prepare_metrics_dir
+
+    prepare_metrics_dir("nnoc-api-metrics-")
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=settings.workers,
+        log_level=args.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    return 0

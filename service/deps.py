@@ -1,0 +1,55 @@
+"""Route dependencies: the process's runtime and admin authentication."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.runtime import Runtime
+
+bearer = HTTPBearer(auto_error=False, description="NNOC_ADMIN_TOKEN")
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def _token_ok(rt: Runtime, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    expected = rt.settings.admin_token
+    if expected is None or credentials is None or credentials.scheme.lower() != "bearer":
+        return False
+    # Constant time: the comparison must not tell an attacker how much of a guess was right.
+    return hmac.compare_digest(
+        credentials.credentials.encode(), expected.get_secret_value().encode()
+    )
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+
+
+def require_admin(
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    rt: RuntimeDep,
+) -> None:
+    """401 unless the request carries ``Authorization: Bearer <NNOC_ADMIN_TOKEN>``."""
+    if not _token_ok(rt, credentials):
+        raise HTTPException(
+            401,
+            "admin routes need 'Authorization: Bearer <token>' with the deployment's admin token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def is_admin(request: Request, rt: RuntimeDep) -> bool:
+    """Whether the caller holds the admin token (prediction routes show more to admins).
+    Read from the header directly: these routes need no auth, so the schema declares none."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not token:
+        return False
+    return _token_ok(rt, HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()))
+
+
+AdminFlag = Annotated[bool, Depends(is_admin)]

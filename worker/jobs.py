@@ -1,0 +1,252 @@
+"""The RQ job: ``run_repair(deployment, repair_id, attempt)`` repairs one deployment version
+from its claimed quarantine and publishes the result.
+
+Steps, each safe to re-run after a crash at any point:
+
+1. the record must be in flight and carry this ``attempt`` (else a newer attempt owns it);
+2. the store's per-deployment repair lock is taken (two jobs never repair at once);
+3. the version's pending quarantine is *claimed* (a retried attempt finds the same claim);
+4. the library's repair engine runs (the same code path as ``nnoculation repair``): progress
+   goes to the record and the job's meta every epoch, a heartbeat thread proves the job alive,
+   a cancellation request stops it at the next epoch, and the CycleGAN checkpoints every epoch
+   into the work dir, so a retry resumes where the killed attempt stopped;
+5. the gate's verdict: a refused repair archives its claim and records why (the active version
+   is untouched); a passed one is published atomically as a new store version (its id from the
+   store), recorded at once (a retry after this point does not publish twice), activated if the
+   repaired version is still the active one, and announced to every API process;
+6. the claim is archived under the repair's id and the record closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rq import get_current_job
+
+from models.store import ModelStore
+from nnoculation.deployment import resolve_device
+from nnoculation.online.announce import announce_activation
+from nnoculation.online.connection import connect
+from nnoculation.online.keys import Keys
+from nnoculation.online.quarantine import Quarantine
+from nnoculation.online.repairs import (
+    CANCEL_REQUESTED,
+    CANCELLED,
+    FAILED,
+    GATED,
+    PUBLISHED,
+    RUNNING,
+    TERMINAL,
+    Repairs,
+)
+from nnoculation.repair.engine import (
+    RepairCancelled,
+    RepairOutcome,
+    RepairProgress,
+    repair,
+    write_repaired_bundle,
+)
+from worker import metrics
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+LOCK_WAIT_S = 60.0
+
+
+@dataclass
+class Context:
+    """What a job needs, built from the worker's settings."""
+
+    settings: WorkerSettings
+    store: ModelStore
+    quarantine: Quarantine
+    repairs: Repairs
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> Context:
+        client = connect(settings.redis_url, settings.redis_timeout_s, retries=3)
+        keys = Keys(settings.key_prefix, settings.deployment)
+        return cls(
+            settings,
+            ModelStore(settings.store_root),
+            Quarantine(client, keys, settings.quarantine_cap),
+            Repairs(client, keys, settings.repair_timeout_s),
+        )
+
+
+class Heartbeat:
+    """Refreshes the repair's heartbeat key from a thread while the job runs."""
+
+    def __init__(self, repairs: Repairs, repair_id: str, ttl_s: float) -> None:
+        self.repairs = repairs
+        self.repair_id = repair_id
+        self.ttl_s = ttl_s
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="repair-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.repairs.beat(self.repair_id, self.ttl_s, self.holder)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.repairs.beat(self.repair_id, self.ttl_s, self.holder)
+            except Exception as err:  # keep beating: Redis may come back
+                logger.warning("repair heartbeat failed: %s", err)
+
+
+def run_repair(deployment: str, repair_id: str, attempt: int) -> dict[str, Any]:
+    """RQ entry point (plain arguments only); settings come from the worker's environment."""
+    settings = WorkerSettings()
+    if deployment != settings.deployment:
+        raise ValueError(
+            f"job for deployment {deployment!r} reached a worker of {settings.deployment!r}"
+        )
+    return execute(Context.from_settings(settings), repair_id, attempt)
+
+
+def execute(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
+    """Run one attempt of a repair (importable and testable without RQ)."""
+    record = ctx.repairs.get(repair_id)
+    if record is None or record["status"] in TERMINAL:
+        return {"repair_id": repair_id, "skipped": "no repair in flight with this id"}
+    if int(record["attempt"]) != attempt:
+        return {"repair_id": repair_id, "skipped": f"attempt {attempt} is stale"}
+    started = time.perf_counter()
+    with (
+        Heartbeat(ctx.repairs, repair_id, ctx.settings.heartbeat_ttl_s),
+        ctx.store.repair_lock(ctx.settings.deployment, timeout_s=LOCK_WAIT_S),
+    ):
+        try:
+            result = _attempt(ctx, repair_id, record, attempt)
+        except RepairCancelled:
+            ctx.quarantine.release(repair_id)
+            ctx.repairs.finish(
+                repair_id, CANCELLED, backoff_s=ctx.settings.repair_backoff_s,
+                reason="cancelled by an operator",
+            )  # fmt: skip
+            result = {"repair_id": repair_id, "status": CANCELLED}
+        except Exception as err:
+            logger.exception("repair %s failed", repair_id)
+            ctx.quarantine.release(repair_id)
+            ctx.repairs.finish(
+                repair_id, FAILED, backoff_s=ctx.settings.repair_backoff_s,
+                reason=f"{type(err).__name__}: {err}",
+            )  # fmt: skip
+            metrics.finished(FAILED, time.perf_counter() - started)
+            raise
+    metrics.finished(str(result["status"]), time.perf_counter() - started)
+    if result["status"] in TERMINAL:
+        shutil.rmtree(ctx.settings.checkpoint_dir(repair_id), ignore_errors=True)
+    return result
+
+
+def _progress(ctx: Context, repair_id: str) -> Any:
+    job = get_current_job()
+
+    def on_progress(p: RepairProgress) -> None:
+        fields = {"stage": p.stage, "epoch": p.epoch, "epochs": p.epochs, "losses": p.losses}
+        ctx.repairs.update(repair_id, **fields)
+        if job is not None:
+            job.meta.update({k: v for k, v in fields.items() if v is not None})
+            job.meta["elapsed_s"] = p.elapsed_s
+            job.save_meta()
+
+    return on_progress
+
+
+def _cancel_check(ctx: Context, repair_id: str) -> Any:
+    def should_cancel() -> bool:
+        record = ctx.repairs.get(repair_id)
+        return record is not None and record["status"] == CANCEL_REQUESTED
+
+    return should_cancel
+
+
+def _attempt(ctx: Context, repair_id: str, record: dict[str, Any], attempt: int) -> dict[str, Any]:
+    deployment, parent = ctx.settings.deployment, str(record["version"])
+    if record["status"] == CANCEL_REQUESTED:
+        raise RepairCancelled("cancelled before it started")
+    ctx.repairs.update(repair_id, status=RUNNING, stage="claim", worker=socket.gethostname())
+    published = record.get("result_version")
+    if not published:
+        claimed = ctx.quarantine.claim(parent, repair_id)
+        if claimed <= 0:
+            raise ValueError(f"no quarantined inputs of {parent} to repair from")
+        images = ctx.quarantine.claimed_images(repair_id)
+        ctx.repairs.update(repair_id, entries=int(images.shape[0]))
+        bundle = ctx.store.load(deployment, parent)
+        cfg = ctx.settings.repair_config(ctx.settings.checkpoint_dir(repair_id))
+        outcome = repair(
+            bundle,
+            images,
+            cfg,
+            progress=False,
+            on_progress=_progress(ctx, repair_id),
+            should_cancel=_cancel_check(ctx, repair_id),
+            device=resolve_device(ctx.settings.device),
+        )
+        report = _summary(outcome)
+        if not outcome.passed_gate:
+            ctx.quarantine.archive(repair_id)
+            ctx.repairs.finish(repair_id, GATED, reason=outcome.reason, **report)
+            logger.warning("repair %s refused by the gate: %s", repair_id, outcome.reason)
+            return {"repair_id": repair_id, "status": GATED, "reason": outcome.reason}
+        current = ctx.repairs.get(repair_id)
+        if current is None or int(current["attempt"]) != attempt:
+            return {"repair_id": repair_id, "skipped": "a newer attempt took over"}
+        published = ctx.store.publish(
+            deployment,
+            lambda directory, version: write_repaired_bundle(outcome, bundle, directory, version),
+            parent=parent,
+        )
+        ctx.repairs.update(repair_id, result_version=published, stage="publish", **report)
+    activated = _activate(ctx, parent, str(published))
+    ctx.quarantine.archive(repair_id)
+    ctx.repairs.finish(repair_id, PUBLISHED, result_version=published, activated=activated)
+    return {"repair_id": repair_id, "status": PUBLISHED, "version": published,
+            "activated": activated}  # fmt: skip
+
+
+def _activate(ctx: Context, parent: str, version: str) -> bool:
+    """Activate ``version`` if ``parent`` is still active (an operator who activated something
+    else meanwhile is not overruled), and announce it."""
+    deployment = ctx.settings.deployment
+    active = ctx.store.active(deployment)
+    if active == version:
+        activated = True
+    elif active == parent:
+        ctx.store.activate(deployment, version)
+        activated = True
+    else:
+        logger.warning(
+            "repaired %s as %s, but %s is active now: not activating", parent, version, active
+        )
+        return False
+    announce_activation(ctx.repairs.client, ctx.repairs.keys, version, "repair")
+    logger.info("activated and announced %s (repair of %s)", version, parent)
+    return activated
+
+
+def _summary(outcome: RepairOutcome) -> dict[str, Any]:
+    return {
+        "holdout": outcome.holdout,
+        "seconds": outcome.seconds,
+        "purify": outcome.purified.report(),
+        "trigger_effect": outcome.trigger_effect,
+    }
