@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 TICK_S = 1.0
 
 
+def resident_bytes() -> int:
+    """This process's resident memory (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        pages = int(open("/proc/self/statm").read().split()[1])  # noqa: SIM115
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def report_self(rt: Runtime) -> None:
     report_process(
         rt.redis,
@@ -38,6 +47,8 @@ def report_self(rt: Runtime) -> None:
             "started": rt.started,
             "device": rt.slot.current.device if rt.slot.current else "",
             "swap_error": rt.swapper.last_error or "",
+            "swapped_at": rt.swapper.swapped_at or "",
+            "rss_bytes": resident_bytes(),
         },
         rt.settings.process_ttl_s,
     )

@@ -38,6 +38,7 @@ QUARANTINED = "quarantined"
 REJECTED = "rejected"  # bad input: 4xx
 OVERLOADED = "overloaded"  # 503
 TIMEOUT = "timeout"  # 504
+EVALUATION = "evaluation"  # admin measurement traffic: answered, never quarantined
 
 
 def multiprocess() -> bool:

@@ -73,6 +73,7 @@ class Swapper:
         self._listener: threading.Thread | None = None
         self._stopping = threading.Event()
         self.last_error: str | None = None
+        self.swapped_at: float | None = None  # wall time of the last swap
 
     def active_version(self) -> str | None:
         try:
@@ -102,6 +103,7 @@ class Swapper:
                 return False
             old = self.slot.version
             self.slot.current = loaded  # the swap: one reference assignment
+            self.swapped_at = time.time()
             self._refused.pop(version, None)
             self.last_error = None
             del loaded

@@ -42,3 +42,11 @@ def tiny_net(tiny_spec: InputSpec) -> Net:
     torch.manual_seed(0)
     module = build_classifier("small_cnn", tiny_spec, NUM_CLASSES, width=4)
     return Net(module, "zoo", tiny_spec, NUM_CLASSES, "small_cnn", {"width": 4})
+
+
+@pytest.fixture(scope="session")
+def tiny_deployment(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """(bundle dir, attack, test set) of a tiny patch BadNet + GoodNet, trained once."""
+    from tests.online import tiny_deployment_source
+
+    return tiny_deployment_source(tmp_path_factory.mktemp("tiny"))

@@ -216,14 +216,14 @@ def _attempt(ctx: Context, repair_id: str, record: dict[str, Any], attempt: int)
             parent=parent,
         )
         ctx.repairs.update(repair_id, result_version=published, stage="publish", **report)
-    activated = _activate(ctx, parent, str(published))
+    activated = _activate(ctx, repair_id, parent, str(published))
     ctx.quarantine.archive(repair_id)
     ctx.repairs.finish(repair_id, PUBLISHED, result_version=published, activated=activated)
     return {"repair_id": repair_id, "status": PUBLISHED, "version": published,
             "activated": activated}  # fmt: skip
 
 
-def _activate(ctx: Context, parent: str, version: str) -> bool:
+def _activate(ctx: Context, repair_id: str, parent: str, version: str) -> bool:
     """Activate ``version`` if ``parent`` is still active (an operator who activated something
     else meanwhile is not overruled), and announce it."""
     deployment = ctx.settings.deployment
@@ -238,6 +238,7 @@ def _activate(ctx: Context, parent: str, version: str) -> bool:
             "repaired %s as %s, but %s is active now: not activating", parent, version, active
         )
         return False
+    ctx.repairs.update(repair_id, announced=repr(time.time()))
     announce_activation(ctx.repairs.client, ctx.repairs.keys, version, "repair")
     logger.info("activated and announced %s (repair of %s)", version, parent)
     return activated

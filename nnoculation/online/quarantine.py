@@ -338,6 +338,18 @@ class Quarantine:
         shas = [s.decode() for s in self.client.zrange(base, 0, limit - 1)]
         return self._read([f"{base}:{s}" for s in shas], shas)
 
+    def archives(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest archives (repairs' and purges'): id, time and size."""
+        found = self.client.zrevrange(self.keys.archives, 0, limit - 1, withscores=True)
+        pipe = self.client.pipeline(transaction=False)
+        for archive_id, _ in found:
+            pipe.zcard(self.keys.archive(archive_id.decode()))
+        sizes = pipe.execute()
+        return [
+            {"id": a.decode(), "time": t, "entries": int(n)}
+            for (a, t), n in zip(found, sizes, strict=True)
+        ]
+
     def purge(self, version: str, purge_id: str) -> int:
         """Archive ``version``'s pending entries under ``purge_id`` (explicit, never lost)."""
         self.claim(version, purge_id)

@@ -160,7 +160,7 @@ class Repairs:
         if not raw:
             return None
         record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
-        for key in ("created", "updated", "finished"):
+        for key in ("created", "updated", "finished", "announced"):
             if key in record:
                 record[key] = float(record[key])
         for key in ("attempt", "epoch", "epochs", "entries", "pending_at_start"):

@@ -28,6 +28,7 @@ PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "b
 MAX_SAMPLES = 500
 VERSION_PATH = r"^v\d{4,}$"
 SHA_PATH = r"^[0-9a-f]{64}$"
+ARCHIVE_PATH = r"^[A-Za-z0-9_.-]{1,80}$"
 VersionPath = Annotated[str, PathParam(pattern=VERSION_PATH, description="like v0001")]
 
 
@@ -154,6 +155,32 @@ async def quarantine_purge(
     purge_id = time.strftime("purge-%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{os.getpid()}"
     archived = await asyncio.to_thread(rt.quarantine.purge, version, purge_id)
     return {"purge_id": purge_id, "version": version, "archived": archived}
+
+
+@router.get(
+    "/quarantine/archives",
+    response_model=Detail,
+    summary="Archives: entries consumed by repairs or purged",
+)
+async def quarantine_archives(rt: RuntimeDep) -> dict[str, Any]:
+    return {"archives": await asyncio.to_thread(rt.quarantine.archives)}
+
+
+@router.get(
+    "/quarantine/archives/{archive_id}",
+    response_model=Detail,
+    responses=error_responses(404),
+    summary="The entries archived under a repair's or a purge's id",
+)
+async def quarantine_archive(
+    rt: RuntimeDep,
+    archive_id: Annotated[str, PathParam(pattern=ARCHIVE_PATH)],
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    items = await asyncio.to_thread(rt.quarantine.archived, archive_id, limit)
+    if not items:
+        raise HTTPException(404, f"no archive {archive_id!r}")
+    return {"id": archive_id, "items": [_item_json(rt, i) | {"image": None} for i in items]}
 
 
 # --- repairs ---

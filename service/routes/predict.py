@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Request
 
 from nnoculation.deployment import LoadedDeployment
 from nnoculation.inputs import MIME_TYPES, ImageInputError, decode_image
 from nnoculation.online.quarantine import QuarantineEntry
 from service.batcher import DeadlineExceeded, NotReady, Overloaded, Prediction
 from service.deps import AdminFlag, RuntimeDep
-from service.metrics import AGREE, OVERLOADED, QUARANTINED, REJECTED, TIMEOUT
+from service.metrics import AGREE, EVALUATION, OVERLOADED, QUARANTINED, REJECTED, TIMEOUT
 from service.middleware import request_id
 from service.runtime import Runtime
 from service.schemas import BatchItemOut, BatchOut, PredictionOut, error_responses
@@ -90,9 +90,22 @@ async def _answer(rt: Runtime, image: Any, deadline: float) -> Prediction:
         raise HTTPException(503, "inference failed; retry", headers={"Retry-After": "1"}) from None
 
 
-async def _record(rt: Runtime, image: Any, pred: Prediction) -> bool:
+EvaluationHeader = Annotated[
+    bool,
+    Header(
+        alias="X-NNOC-Evaluation",
+        description="admin callers only: answer without quarantining or counting the input "
+        "(for measuring a deployment on labelled data without feeding its quarantine)",
+    ),
+]
+
+
+async def _record(rt: Runtime, image: Any, pred: Prediction, evaluation: bool) -> bool:
     """Count the answer and quarantine a disagreement (durably, before answering)."""
     version = pred.model.version
+    if evaluation:
+        rt.metrics.predictions.labels(outcome=EVALUATION, version=version).inc()
+        return pred.disagree
     rt.traffic.record(version, pred.disagree)
     if pred.disagree:
         entry = QuarantineEntry(image, pred.badnet_label, pred.goodnet_label, version, time.time())
@@ -121,7 +134,12 @@ def _out(rt: Runtime, pred: Prediction, rid: str, show: bool) -> PredictionOut:
     openapi_extra=PREDICT_BODY,
     summary="Classify one image with the BadNet + GoodNet ensemble",
 )
-async def predict(request: Request, rt: RuntimeDep, admin: AdminFlag) -> PredictionOut:
+async def predict(
+    request: Request,
+    rt: RuntimeDep,
+    admin: AdminFlag,
+    evaluation: EvaluationHeader = False,
+) -> PredictionOut:
     deadline = time.perf_counter() + rt.settings.deadline_ms / 1000
     model = _current(rt)
     with rt.batcher.arrival():
@@ -135,7 +153,7 @@ async def predict(request: Request, rt: RuntimeDep, admin: AdminFlag) -> Predict
         except HTTPException as err:
             raise _reject(rt, model, err) from None
     pred = await _answer(rt, image, deadline)
-    await _record(rt, image, pred)
+    await _record(rt, image, pred, evaluation and admin)
     return _out(rt, pred, request_id(request.scope), admin or rt.settings.expose_quarantine)
 
 
@@ -147,7 +165,12 @@ async def predict(request: Request, rt: RuntimeDep, admin: AdminFlag) -> Predict
     openapi_extra=BATCH_BODY,
     summary="Classify several images; each is answered on its own",
 )
-async def predict_batch(request: Request, rt: RuntimeDep, admin: AdminFlag) -> BatchOut:
+async def predict_batch(
+    request: Request,
+    rt: RuntimeDep,
+    admin: AdminFlag,
+    evaluation: EvaluationHeader = False,
+) -> BatchOut:
     deadline = time.perf_counter() + rt.settings.deadline_ms / 1000
     rid = request_id(request.scope)
     show = admin or rt.settings.expose_quarantine
@@ -177,7 +200,7 @@ async def predict_batch(request: Request, rt: RuntimeDep, admin: AdminFlag) -> B
             return BatchItemOut(
                 index=i, filename=uploads[i].filename, status=err.status_code, error=str(err.detail)
             )
-        await _record(rt, images[i], pred)
+        await _record(rt, images[i], pred, evaluation and admin)
         return BatchItemOut(
             index=i, filename=uploads[i].filename, status=200,
             prediction=_out(rt, pred, rid, show),
