@@ -110,6 +110,49 @@ def test_tampered_file_is_refused(tmp_path: Path) -> None:
         load_bundle(tmp_path)
 
 
+def test_files_changed_after_loading_are_refused_when_read(tmp_path: Path) -> None:
+    # load_bundle verified every file; a file swapped afterwards (a shared volume) is refused
+    # by the read that deserialises it, not loaded.
+    write(tmp_path)
+    bundle = load_bundle(tmp_path)
+    swapped = tmp_path / "swap"
+    write(swapped)
+    # same kind of content, other bytes: another net and another validation set
+    (tmp_path / "badnet.safetensors").write_bytes((swapped / "goodnet.safetensors").read_bytes())
+    with pytest.raises(BundleIntegrityError, match=r"badnet\.safetensors.*sha256"):
+        bundle.net("badnet")
+    assert bundle.net("goodnet").arch == "small_cnn"
+    data = bytearray((tmp_path / "validation.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "validation.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"validation\.safetensors.*sha256"):
+        bundle.tensors("validation")
+    (tmp_path / "goodnet.safetensors").unlink()
+    with pytest.raises(BundleIntegrityError, match="missing"):
+        bundle.net("goodnet")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arch": "no_such_net"}, "unknown architecture 'no_such_net'"),
+        ({"arch": None}, "needs its architecture name"),
+        ({"arch_kwargs": {"widht": 2}}, "allowed: width"),
+        ({"arch_kwargs": {"width": 10**9}}, "less than or equal to 512"),
+    ],
+)
+def test_manifest_net_entries_are_validated(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    write(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["nets"]["badnet"].update(change)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match=message):
+        read_manifest(tmp_path)
+
+
 def test_missing_file_is_refused(tmp_path: Path) -> None:
     write(tmp_path)
     (tmp_path / "plots" / "grid.png").unlink()
