@@ -38,14 +38,13 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.utils import make_grid
 
 from models.bundle import Bundle, Manifest, write_bundle
 from models.nets import Net
-from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
@@ -54,6 +53,9 @@ from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.reverse import PoisonModel, fit_poison
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
 from nnoculation.training import Distillation, Optimizer, TrainConfig, train
+
+if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
+    from nnoculation.attacks import AttackSpec
 
 DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
 DEFAULT_FINETUNE_EPOCHS = 3
