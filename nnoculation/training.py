@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from models.nets import Net
 from nnoculation.data.imageset import ImageSet
+from nnoculation.runtime import seeded_rng
 
 Optimizer = Literal["adam", "sgd", "adadelta"]
 SGD_MOMENTUM = 0.9
@@ -113,14 +114,28 @@ def train(
     """Train ``net`` in place with cross-entropy; ``data`` is a set or a per-epoch callback.
 
     ``distill`` adds soft targets to part of a fixed training set (the repair's fine-tune).
-    Batches are drawn from a generator seeded with ``cfg.seed``, so the same inputs give the
-    same weights on the same machine.
+    Batches are drawn from a generator seeded with ``cfg.seed`` and dropout from torch's global
+    RNG seeded with it inside a scope that restores the caller's RNG state afterwards, so the
+    same inputs give the same weights on the same machine and the caller's random draws are
+    not disturbed.
     """
     if distill is not None and (callable(data) or len(data) != distill.mask.shape[0]):
         raise ValueError("distillation needs a fixed training set with one teacher row per image")
     device = next(net.module.parameters()).device
+    with seeded_rng(cfg.seed, device):
+        return _train(net, data, cfg, desc, progress, distill, device)
+
+
+def _train(
+    net: Net,
+    data: ImageSet | EpochData,
+    cfg: TrainConfig,
+    desc: str,
+    progress: bool,
+    distill: Distillation | None,
+    device: torch.device,
+) -> TrainStats:
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     opt = make_optimizer(net.module.parameters(), cfg)
     net.train_mode(True)
     seen, loss_value, start = 0, float("nan"), time.perf_counter()
