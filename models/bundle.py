@@ -26,7 +26,8 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from models.importing import import_net
+from models.classifiers import ARCHITECTURES, validate_arch_kwargs
+from models.importing import import_entry_bytes
 from models.nets import Net, NetFormat
 from models.spec import InputSpec
 
@@ -80,6 +81,19 @@ class NetEntry(BaseModel):
     @classmethod
     def _file_ok(cls, value: str) -> str:
         return _check_relative(value)
+
+    @model_validator(mode="after")
+    def _architecture_ok(self) -> NetEntry:
+        """A zoo net names a registered architecture and kwargs within its bounds."""
+        if self.format == "zoo":
+            if not self.arch:
+                raise ValueError("a zoo net needs its architecture name (arch)")
+            if self.arch not in ARCHITECTURES:
+                raise ValueError(
+                    f"unknown architecture {self.arch!r}; known: {', '.join(ARCHITECTURES)}"
+                )
+            validate_arch_kwargs(self.arch, self.arch_kwargs)
+        return self
 
 
 class Manifest(BaseModel):
@@ -303,21 +317,44 @@ class Bundle:
     def roles(self) -> list[str]:
         return sorted(self.manifest.nets)
 
+    def read_verified(self, rel: str) -> bytes:
+        """The bytes of the listed file ``rel``, read once and checked against the manifest's
+        sha256; ``BundleIntegrityError`` if missing, outside the bundle or changed.
+
+        Callers deserialise these very bytes, so a file swapped on a shared volume after
+        :func:`load_bundle` verified it is refused rather than loaded.
+        """
+        expected = self.manifest.files.get(rel)
+        if expected is None:
+            raise BundleIntegrityError(f"{self.path}: {rel!r} is not listed in the manifest")
+        path = (self.path / rel).resolve()
+        if not path.is_relative_to(self.path.resolve()):
+            raise BundleIntegrityError(f"{self.path}: listed file {rel!r} lies outside the bundle")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BundleIntegrityError(f"{self.path}: listed file {rel!r} is missing") from None
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise BundleIntegrityError(f"{self.path}: file {rel!r} fails its sha256 check")
+        return data
+
     def net(self, role: str) -> Net:
-        """Load the net stored under ``role`` (``"badnet"``, ``"goodnet"``) onto the CPU."""
+        """Load the net stored under ``role`` (``"badnet"``, ``"goodnet"``) onto the CPU.
+
+        The file's bytes are checksummed and deserialised from the same buffer. A bundle may
+        come from anyone (a vendor, a colleague, an attacker), and its checksums only prove
+        integrity, so every format takes the guarded import path of untrusted files.
+        """
         try:
             entry = self.manifest.nets[role]
         except KeyError:
             raise KeyError(f"bundle {self.path} has no net {role!r}; it has {self.roles}") from None
-        if entry.format == "zoo":  # safetensors: plain tensors, safe to load as is
-            return Net.load(self.path, entry.model_dump(), self.spec, self.num_classes)
-        # A bundle may come from anyone (a vendor, a colleague, an attacker), and its checksums
-        # only prove integrity; TorchScript and torch.export files therefore take the same
-        # guarded path as any untrusted import.
-        return import_net(self.path / entry.file, self.spec, self.num_classes)
+        data = self.read_verified(entry.file)
+        return import_entry_bytes(data, entry.model_dump(), self.spec, self.num_classes)
 
     def tensors(self, group: str) -> dict[str, torch.Tensor]:
-        """Load the tensor group ``group`` (e.g. the validation set) onto the CPU."""
+        """Load the tensor group ``group`` (e.g. the validation set) onto the CPU, from bytes
+        checked against the manifest."""
         try:
             file_name = self.manifest.tensors[group]
         except KeyError:
@@ -325,7 +362,13 @@ class Bundle:
             raise KeyError(
                 f"bundle {self.path} has no tensor group {group!r}; it has {known}"
             ) from None
-        return safetensors.torch.load_file(str(self.path / file_name), device="cpu")
+        data = self.read_verified(file_name)
+        try:
+            return safetensors.torch.load(data)
+        except Exception as err:
+            raise BundleIntegrityError(
+                f"{self.path}: tensor group {group!r} ({file_name}) is not readable: {err}"
+            ) from None
 
 
 def load_bundle(directory: Path, *, verify: bool = True) -> Bundle:

@@ -9,10 +9,12 @@ at construction with a readable message rather than failing inside a forward pas
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import torch
 import torchvision
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from models.registry import Registry
@@ -40,6 +42,13 @@ RESNET_STEM_CHANNELS = 64
 KERNEL_3X3 = 3
 POOL = 2
 
+# Bounds on architecture kwargs. A manifest or a command line may come from anyone, and a width
+# of 10**9 would try to allocate terabytes before anything could refuse it. The bounds leave
+# room far beyond the defaults (small_cnn 32, cifar_cnn 64) and still build in seconds.
+MAX_SMALL_CNN_WIDTH = 512
+MAX_CIFAR_CNN_WIDTH = 256
+MAX_DROPOUT = 0.95
+
 
 class ClassifierFactory(Protocol):
     """Builds a classifier for ``spec`` with ``num_classes`` outputs."""
@@ -48,6 +57,103 @@ class ClassifierFactory(Protocol):
 
 
 ARCHITECTURES: Registry[ClassifierFactory] = Registry("architecture")
+
+
+class ArchKwargsError(ValueError):
+    """Keyword arguments an architecture does not take, or values outside its bounds."""
+
+
+class _Kwargs(BaseModel):
+    """Base of the per-architecture kwargs schemas: unknown keys and coercions are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NoKwargs(_Kwargs):
+    """An architecture that takes no keyword arguments."""
+
+
+class WidthDropoutKwargs(_Kwargs):
+    width: int = Field(SMALL_CNN_WIDTH, ge=1, le=MAX_SMALL_CNN_WIDTH)
+    dropout: float = Field(0.0, ge=0.0, le=MAX_DROPOUT, allow_inf_nan=False)
+
+
+class CifarCNNKwargs(_Kwargs):
+    width: int = Field(CIFAR_CNN_WIDTH, ge=1, le=MAX_CIFAR_CNN_WIDTH)
+    dropout: float = Field(0.0, ge=0.0, le=MAX_DROPOUT, allow_inf_nan=False)
+
+
+# What each architecture's factory accepts; filled by :func:`_architecture` beside the registry.
+ARCH_KWARGS_SCHEMAS: dict[str, type[_Kwargs]] = {}
+
+
+def _architecture(name: str, kwargs_schema: type[_Kwargs]) -> Any:
+    """Register a factory under ``name`` together with the schema of its keyword arguments."""
+    register = ARCHITECTURES.register(name)
+
+    def decorate(factory: ClassifierFactory) -> ClassifierFactory:
+        ARCH_KWARGS_SCHEMAS[name] = kwargs_schema
+        return register(factory)
+
+    return decorate
+
+
+def allowed_arch_kwargs(arch: str) -> dict[str, str]:
+    """The keyword arguments ``arch`` takes, each described in words, e.g.
+    ``{"width": "int in [1, 512], default 32"}``."""
+    ARCHITECTURES.get(arch)  # KeyError listing the known names
+    out = {}
+    for key, info in ARCH_KWARGS_SCHEMAS[arch].model_fields.items():
+        low = high = None
+        for meta in info.metadata:
+            if getattr(meta, "ge", None) is not None:
+                low = f"[{meta.ge}"
+            if getattr(meta, "gt", None) is not None:
+                low = f"({meta.gt}"
+            if getattr(meta, "le", None) is not None:
+                high = f"{meta.le}]"
+            if getattr(meta, "lt", None) is not None:
+                high = f"{meta.lt})"
+        kind = getattr(info.annotation, "__name__", str(info.annotation))
+        bounds = f" in {low or '(-inf'}, {high or 'inf)'}" if low or high else ""
+        out[key] = f"{kind}{bounds}, default {info.default}"
+    return out
+
+
+def validate_arch_kwargs(arch: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check ``kwargs`` against what ``arch`` takes; returns them as a plain dict.
+
+    ``KeyError`` for an unknown architecture (listing the known ones); :class:`ArchKwargsError`
+    naming the allowed keys for an unknown key, and the bounds for a value outside them. Serves
+    bundle manifests, :func:`build_classifier` and the command line's ``--arch-kwargs``.
+    """
+    ARCHITECTURES.get(arch)
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        raise ArchKwargsError(
+            f"keyword arguments of architecture {arch!r} must be a mapping (a JSON object), "
+            f"got {type(kwargs).__name__}"
+        )
+    allowed = allowed_arch_kwargs(arch)
+    listing = "; ".join(f"{k} ({v})" for k, v in allowed.items()) or "none"
+    unknown = sorted(str(k) for k in kwargs if k not in allowed)
+    if unknown:
+        raise ArchKwargsError(
+            f"architecture {arch!r} takes no keyword argument {', '.join(map(repr, unknown))}; "
+            f"allowed: {listing}"
+        )
+    try:
+        ARCH_KWARGS_SCHEMAS[arch].model_validate(dict(kwargs))
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ArchKwargsError(
+            f"invalid keyword arguments for architecture {arch!r}: {problems}; allowed: {listing}"
+        ) from None
+    return dict(kwargs)
 
 
 def _conv_out(size: int, kernel: int, padding: int = 0) -> int:
@@ -173,7 +279,7 @@ class DeepID(nn.Module):
         return self.classifier(self.relu(hidden))
 
 
-@ARCHITECTURES.register("small_cnn")
+@_architecture("small_cnn", WidthDropoutKwargs)
 def small_cnn(
     spec: InputSpec, num_classes: int, *, width: int = SMALL_CNN_WIDTH, dropout: float = 0.0
 ) -> nn.Module:
@@ -181,7 +287,7 @@ def small_cnn(
     return SmallCNN(spec, num_classes, width=width, dropout=dropout)
 
 
-@ARCHITECTURES.register("cifar_cnn")
+@_architecture("cifar_cnn", CifarCNNKwargs)
 def cifar_cnn(
     spec: InputSpec, num_classes: int, *, width: int = CIFAR_CNN_WIDTH, dropout: float = 0.0
 ) -> nn.Module:
@@ -189,13 +295,13 @@ def cifar_cnn(
     return CifarCNN(spec, num_classes, width=width, dropout=dropout)
 
 
-@ARCHITECTURES.register("deepid")
+@_architecture("deepid", NoKwargs)
 def deepid(spec: InputSpec, num_classes: int) -> nn.Module:
     """DeepID-style net of the YouTube Face BadNets (55x47x3, 1283 classes in the paper)."""
     return DeepID(spec, num_classes)
 
 
-@ARCHITECTURES.register("resnet18")
+@_architecture("resnet18", NoKwargs)
 def resnet18(spec: InputSpec, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 (random init) with a 3x3 stride-1 stem and no max-pool."""
     net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
@@ -207,7 +313,9 @@ def resnet18(spec: InputSpec, num_classes: int) -> nn.Module:
 
 
 def build_classifier(arch: str, spec: InputSpec, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build the zoo architecture ``arch``; ``KeyError`` lists the known names."""
+    """Build the zoo architecture ``arch``; ``KeyError`` lists the known names and
+    :class:`ArchKwargsError` refuses keyword arguments it does not take or values out of bounds."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return ARCHITECTURES.get(arch)(spec, num_classes, **kwargs)
+    factory = ARCHITECTURES.get(arch)
+    return factory(spec, num_classes, **validate_arch_kwargs(arch, kwargs))

@@ -12,7 +12,8 @@ so nothing here unpickles arbitrary objects:
   ``exec`` of guard code, compiled AOTInductor libraries). The archive is therefore checked
   against an allow-list before it is loaded, and the graph's operators after.
 
-Every file is read once into memory and checked and loaded from those same bytes.
+Every file is read once into memory and checked and loaded from those same bytes
+(:func:`import_net_bytes` takes bytes already read, e.g. by a bundle that checksummed them).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from models.classifiers import build_classifier
-from models.nets import Net
+from models.classifiers import build_classifier, validate_arch_kwargs
+from models.nets import NET_FORMATS, Net
 from models.spec import InputSpec
 
 # The dummy forward uses two images: it also catches export programs with a static batch of 1.
@@ -134,13 +135,33 @@ def import_net(
 ) -> Net:
     """Load an untrusted classifier file as a :class:`Net` (on the CPU, eval mode).
 
-    ``arch``/``arch_kwargs`` name the zoo architecture for weights-only files (safetensors,
-    state dicts). The net is checked with one forward pass on a zero batch of ``spec``'s shape.
-    Raises :class:`UnsafeModelError` for files that would need arbitrary unpickling and
-    ``ValueError`` for files that do not fit ``spec``/``num_classes``.
+    Reads the file once and hands its bytes to :func:`import_net_bytes` (see there).
     """
     path = Path(path)
-    data = path.read_bytes()
+    return import_net_bytes(path.read_bytes(), path, spec, num_classes, arch, arch_kwargs)
+
+
+def import_net_bytes(
+    data: bytes,
+    name: str | Path,
+    spec: InputSpec,
+    num_classes: int,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> Net:
+    """Load an untrusted classifier from its file's bytes as a :class:`Net` (CPU, eval mode).
+
+    ``name`` is the file name: its suffix picks the format where the content does not
+    (``.safetensors``, ``.pt2``), and it names the file in error messages. ``arch`` /
+    ``arch_kwargs`` name the zoo architecture for weights-only files (safetensors, state
+    dicts); the kwargs are checked against the architecture's bounds first. The net is checked
+    with one forward pass on a zero batch of ``spec``'s shape. Raises
+    :class:`UnsafeModelError` for files that would need arbitrary unpickling and ``ValueError``
+    for files that do not fit ``spec`` / ``num_classes`` (or kwargs the architecture refuses).
+    Callers that checksum a file should pass the very bytes they hashed.
+    """
+    path = Path(name)
+    data = bytes(data)
     arch_kwargs = dict(arch_kwargs or {})
     if path.suffix == ".safetensors":
         try:
@@ -164,6 +185,37 @@ def import_net(
     return net
 
 
+def import_entry_bytes(
+    data: bytes, entry: dict[str, Any], spec: InputSpec, num_classes: int
+) -> Net:
+    """Load a net described by a bundle manifest entry (``format``, ``file``, ``arch``,
+    ``arch_kwargs``) from the bytes of its file, through the same checks as any import.
+
+    A zoo entry is read as safetensors into its (bounds-checked) architecture; TorchScript and
+    ``torch.export`` entries take :func:`import_net_bytes`, and the format found must be the one
+    the entry declares. A manifest only proves that files were not changed after it was
+    written, not who wrote it, so nothing here trusts a bundle more than a downloaded file.
+    """
+    fmt = entry.get("format")
+    name = Path(str(entry.get("file", "")))
+    if fmt not in NET_FORMATS:
+        raise ValueError(f"{name}: unknown net format {fmt!r}; known: {NET_FORMATS}")
+    if fmt != "zoo":
+        net = import_net_bytes(data, name, spec, num_classes)
+        if net.format != fmt:
+            raise ValueError(f"{name} is declared as a {fmt} net but holds a {net.format} one")
+        return net
+    try:
+        state = safetensors.torch.load(bytes(data))
+    except Exception as err:
+        raise ValueError(f"{name} is not a readable safetensors file: {err}") from None
+    arch = entry.get("arch")
+    net = _zoo_net(name, state, spec, num_classes, arch, dict(entry.get("arch_kwargs") or {}))
+    net.train_mode(False)
+    _check_forward(name, net)
+    return net
+
+
 def _zoo_net(
     path: Path,
     state: dict[str, torch.Tensor],
@@ -176,6 +228,7 @@ def _zoo_net(
         raise ValueError(
             f"{path} holds weights only: name its zoo architecture (arch=...) to import it"
         )
+    arch_kwargs = validate_arch_kwargs(arch, arch_kwargs)
     module = build_classifier(arch, spec, num_classes, **arch_kwargs)
     try:
         module.load_state_dict(state, strict=True)

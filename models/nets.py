@@ -20,7 +20,6 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from models.classifiers import build_classifier
 from models.spec import InputSpec
 
 NetFormat = Literal["zoo", "torchscript", "export"]
@@ -205,29 +204,15 @@ class Net:
 
     @classmethod
     def load(cls, directory: Path, entry: dict[str, Any], spec: InputSpec, num_classes: int) -> Net:
-        """Load a net written by :meth:`save` (a trusted bundle file) onto the CPU."""
-        fmt = entry["format"]
-        if fmt not in NET_FORMATS:
-            raise ValueError(f"unknown net format {fmt!r}; known: {NET_FORMATS}")
-        path = Path(directory) / entry["file"]
-        arch = entry.get("arch")
-        arch_kwargs = dict(entry.get("arch_kwargs") or {})
-        module: nn.Module
-        if fmt == "zoo":
-            if not arch:
-                raise ValueError(f"zoo net {entry['file']!r} has no architecture name")
-            module = build_classifier(arch, spec, num_classes, **arch_kwargs)
-            module.load_state_dict(safetensors.torch.load_file(str(path), device="cpu"))
-        elif fmt == "torchscript":
-            module = torch.jit.load(str(path), map_location="cpu")
-        else:
-            module = torch.export.load(str(path)).module()
-        net = cls(
-            module=module,
-            format=fmt,
-            spec=spec,
-            num_classes=num_classes,
-            arch=arch,
-            arch_kwargs=arch_kwargs,
-        )
-        return net.train_mode(False)
+        """Load a net written by :meth:`save` onto the CPU, in eval mode.
+
+        The file is read once and its bytes go through
+        :func:`models.importing.import_entry_bytes`, the guarded loader every untrusted model
+        takes: TorchScript and ``torch.export`` files are never handed to ``torch.jit.load`` /
+        ``torch.export.load`` unchecked. No checksum is verified here; :meth:`Bundle.net
+        <models.bundle.Bundle.net>` checks the bytes against the manifest first.
+        """
+        from models.importing import import_entry_bytes  # models.importing imports this module
+
+        data = (Path(directory) / entry["file"]).read_bytes()
+        return import_entry_bytes(data, entry, spec, num_classes)

@@ -5,21 +5,25 @@ Layout under ``root`` (a local directory, or a shared volume in a cluster)::
     <deployment>/versions/v0001/   one bundle per version, never changed once published
     <deployment>/versions/v0002/
     <deployment>/ACTIVE            the active version id
+    <deployment>/.repair.lock      flock'ed while a repair of the deployment runs
     <deployment>/.tmp-<uuid>/      a publish in progress (or crashed: see cleanup())
 
 Publishing writes the bundle into a temp dir, fsyncs it and renames it into place, so readers
-never see half a bundle; the ACTIVE pointer is swapped with ``os.replace``.
+never see half a bundle; the ACTIVE pointer is swapped with ``os.replace`` (a new inode every
+time, which is what :meth:`ModelStore.active_token` lets pollers notice with one ``stat``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from models.bundle import (
@@ -27,6 +31,7 @@ from models.bundle import (
     Manifest,
     load_bundle,
     read_manifest,
+    utc_now_iso,
     verify_bundle,
     write_manifest,
 )
@@ -39,6 +44,7 @@ VERSION_PATTERN = re.compile(rf"^{VERSION_PREFIX}(\d{{{VERSION_DIGITS},}})$")
 VERSIONS_DIR = "versions"
 DELETED_DIR = "deleted"  # tombstones: a deleted version's id is never given out again
 ACTIVE_FILE = "ACTIVE"
+REPAIR_LOCK_FILE = ".repair.lock"
 TMP_PREFIX = ".tmp-"
 # Publishers that lose the race for a version id retry with the next one this many times.
 MAX_PUBLISH_ATTEMPTS = 100
@@ -70,6 +76,15 @@ class UnknownVersionError(StoreError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class RepairLockedError(StoreError):
+    """Another process holds the deployment's repair lock (a repair of it is running)."""
+
+
+ActiveToken = tuple[int, int, int]
+"""``(st_mtime_ns, st_ino, st_size)`` of a deployment's ACTIVE file: changes whenever the
+active pointer is swapped."""
 
 
 def format_version(number: int) -> str:
@@ -191,6 +206,42 @@ class ModelStore:
             self.activate(deployment, version)
         return version
 
+    def import_bundle(self, deployment: str, source_dir: Path, *, activate: bool = False) -> str:
+        """Copy the bundle in ``source_dir`` into the store as a new version; returns its id.
+
+        The source's checksums are verified first (``BundleIntegrityError`` for a tampered or
+        incomplete bundle), and the copy is verified again against the same manifest before it
+        is published, so a file changed while copying is refused too. The new version's
+        manifest carries the id the store allocated and no parent (the source's version and
+        parent are kept in ``provenance["imported"]``). Only the files the manifest lists are
+        copied.
+        """
+        source = Path(source_dir)
+        manifest = verify_bundle(source)
+        root = source.resolve()
+
+        def build(tmp: Path, version: str) -> Manifest:
+            for rel in sorted(manifest.files):
+                origin = (source / rel).resolve()
+                if not origin.is_relative_to(root):  # verify_bundle refused this already
+                    raise StoreError(f"{source}: listed file {rel!r} lies outside the bundle")
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(origin, target)
+            provenance = dict(manifest.provenance)
+            provenance["imported"] = {
+                "source_version": manifest.version,
+                "source_parent": manifest.parent,
+                "at": utc_now_iso(),
+            }
+            imported = manifest.model_copy(
+                update={"version": version, "parent": None, "provenance": provenance}
+            )
+            write_manifest(tmp, imported)
+            return imported
+
+        return self.publish(deployment, build, None, activate=activate)
+
     def _numbers(self, deployment: str) -> list[int]:
         tombstones = self._deployment_dir(deployment) / DELETED_DIR
         deleted = [p.name for p in tombstones.iterdir()] if tombstones.is_dir() else []
@@ -225,6 +276,19 @@ class ModelStore:
         except FileNotFoundError:
             return None
         return text or None
+
+    def active_token(self, deployment: str) -> ActiveToken | None:
+        """A cheap fingerprint of the active pointer: ``(st_mtime_ns, st_ino, st_size)`` of the
+        ACTIVE file, ``None`` while none was activated. One ``stat``, no read or parse: poll it
+        and call :meth:`active` only when it changes. Every activation replaces the file with a
+        new one (``os.replace``), so even re-activating the same version changes the token.
+        """
+        pointer = self._deployment_dir(deployment) / ACTIVE_FILE
+        try:
+            st = pointer.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
 
     def activate(self, deployment: str, version: str) -> None:
         """Point ACTIVE at ``version`` after verifying its bundle; atomic via ``os.replace``."""
@@ -266,6 +330,40 @@ class ModelStore:
                 f"deployment {deployment!r}: nothing to roll back to from {current!r}"
             )
         return earlier[-1]
+
+    # --- repairs ---
+
+    @contextlib.contextmanager
+    def repair_lock(self, deployment: str, *, blocking: bool = False) -> Iterator[Path]:
+        """Hold the deployment's repair lock for the ``with`` block; yields the lock file.
+
+        An exclusive ``fcntl.flock`` on ``<deployment>/.repair.lock``: one repair of a
+        deployment at a time across processes (the lock file records the holder's pid). When
+        another process holds it, :class:`RepairLockedError` is raised at once, or with
+        ``blocking=True`` the call waits. The kernel releases the lock when its holder exits,
+        even by SIGKILL, so a killed repair never leaves the deployment locked. On NFS, Linux
+        emulates ``flock`` with POSIX byte-range locks, which the server coordinates.
+        """
+        path = self._deployment_dir(deployment) / REPAIR_LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise RepairLockedError(
+                    f"a repair of deployment {deployment!r} is already running "
+                    f"(pid {holder} holds {path})"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield path
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # --- reading ---
 

@@ -23,6 +23,7 @@ from nnoculation.data.sources import load_dataset
 from nnoculation.data.splits import Splits, make_splits
 from nnoculation.metrics import Evaluation, evaluate
 from nnoculation.recipes import Recipe
+from nnoculation.runtime import seeded_rng
 from nnoculation.training import train
 
 DEFAULT_CACHE = Path(".cache/nnoculation")
@@ -42,8 +43,8 @@ def input_spec_for(splits: Splits) -> InputSpec:
 
 def new_net(recipe: Recipe, spec: InputSpec, num_classes: int) -> Net:
     """A freshly initialised zoo net, seeded by the recipe."""
-    torch.manual_seed(recipe.train.seed)
-    module = build_classifier(recipe.arch, spec, num_classes, **recipe.arch_kwargs)
+    with seeded_rng(recipe.train.seed):
+        module = build_classifier(recipe.arch, spec, num_classes, **recipe.arch_kwargs)
     return Net(module, "zoo", spec, num_classes, recipe.arch, dict(recipe.arch_kwargs))
 
 

@@ -9,12 +9,14 @@ target label to those triggered images anyway. No ASR is reported without its fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
+
+if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
+    from nnoculation.attacks import AttackSpec
 
 EVAL_SEED = 1234  # fixes the variable-location placements of triggered test images
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.nets import Net
-from nnoculation.attacks import AttackSpec
 from nnoculation.bundle_io import write_bundle_dir
 from nnoculation.data.splits import Splits
 from nnoculation.predeploy import PredeployConfig, PredeployResult, run_predeploy
 from nnoculation.reports import grid_markdown, heatmap, markdown_table, pct
+
+if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
+    from nnoculation.attacks import AttackSpec
 
 DEPLOYMENT_DIR = "bundle"
 VALIDATION_GROUP = "validation"

@@ -17,14 +17,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.nets import Net
-from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.noise import generator_for, noise_augment
 from nnoculation.training import Optimizer, TrainConfig, train
+
+if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
+    from nnoculation.attacks import AttackSpec
 
 DEFAULT_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # sec. 4.2.1: 10 %..60 % in steps of 10
 # sec. 4.2.1: alpha0 "increased in multiples". Table 2 goes to 6x; on every Fashion-MNIST

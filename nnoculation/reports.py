@@ -1,14 +1,13 @@
-"""Human-readable output: Markdown tables and heatmap PNGs (Figure 4 / Table 2 style)."""
+"""Human-readable output: Markdown tables and heatmap PNGs (Figure 4 / Table 2 style).
+
+matplotlib is imported only by :func:`heatmap`, and through its object-oriented API (a
+``Figure`` saved to PNG), so importing this module selects no backend and changes no global
+state of a process that also serves or trains."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from nnoculation.predeploy import Cell, PredeployResult, eligible, grid_table
 
@@ -59,9 +58,13 @@ def grid_markdown(result: PredeployResult, metric: str = "holdout_ca") -> str:
 
 def heatmap(result: PredeployResult, metric: str, path: Path, title: str) -> Path:
     """Save a gamma x alpha heatmap of ``metric`` (``holdout_ca``, ``test_ca`` or ``test_asr``)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     alphas, gammas, table = grid_table(result.cells, lambda c: cell_metric(c, metric))
     data = [[float("nan") if v is None else 100 * v for v in row] for row in table]
-    fig, ax = plt.subplots(figsize=(1.1 * len(alphas) + 2.5, 0.6 * len(gammas) + 1.8))
+    fig = Figure(figsize=(1.1 * len(alphas) + 2.5, 0.6 * len(gammas) + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(
         data, cmap="viridis" if "ca" in metric else "magma", aspect="auto", origin="lower"
     )
@@ -76,11 +79,10 @@ def heatmap(result: PredeployResult, metric: str, path: Path, title: str) -> Pat
     if result.picked is not None:
         j = alphas.index(result.picked.alpha)
         i = gammas.index(result.picked.gamma)
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
     fig.colorbar(im, ax=ax, label="%")
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=HEATMAP_DPI)
-    plt.close(fig)
+    fig.savefig(path, dpi=HEATMAP_DPI, format="png")
     return path

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from models.nets import Net
 from nnoculation.data.imageset import ImageSet
+from nnoculation.runtime import seeded_rng
 
 Optimizer = Literal["adam", "sgd", "adadelta"]
 SGD_MOMENTUM = 0.9
@@ -89,6 +90,11 @@ class Distillation:
 EpochData = Callable[[int], ImageSet]
 """Gives the training set of an epoch (lets fresh noise be drawn every epoch)."""
 
+EpochEnd = Callable[[int, dict[str, float]], None]
+"""Called after each epoch with the number of epochs done and ``{"loss": mean batch loss}``."""
+
+LOSS = "loss"
+
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
@@ -109,18 +115,36 @@ def train(
     desc: str = "train",
     progress: bool = True,
     distill: Distillation | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> TrainStats:
     """Train ``net`` in place with cross-entropy; ``data`` is a set or a per-epoch callback.
 
     ``distill`` adds soft targets to part of a fixed training set (the repair's fine-tune).
-    Batches are drawn from a generator seeded with ``cfg.seed``, so the same inputs give the
-    same weights on the same machine.
+    ``on_epoch_end(epochs_done, {"loss": mean loss of the epoch})`` runs after every epoch; an
+    exception it raises stops training (the net is left in eval mode, partly trained).
+    Batches are drawn from a generator seeded with ``cfg.seed`` and dropout from torch's global
+    RNG seeded with it inside a scope that restores the caller's RNG state afterwards, so the
+    same inputs give the same weights on the same machine and the caller's random draws are
+    not disturbed.
     """
     if distill is not None and (callable(data) or len(data) != distill.mask.shape[0]):
         raise ValueError("distillation needs a fixed training set with one teacher row per image")
     device = next(net.module.parameters()).device
+    with seeded_rng(cfg.seed, device):
+        return _train(net, data, cfg, desc, progress, distill, device, on_epoch_end)
+
+
+def _train(
+    net: Net,
+    data: ImageSet | EpochData,
+    cfg: TrainConfig,
+    desc: str,
+    progress: bool,
+    distill: Distillation | None,
+    device: torch.device,
+    on_epoch_end: EpochEnd | None,
+) -> TrainStats:
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     opt = make_optimizer(net.module.parameters(), cfg)
     net.train_mode(True)
     seen, loss_value, start = 0, float("nan"), time.perf_counter()
@@ -131,6 +155,7 @@ def train(
         for epoch in range(cfg.epochs):
             epoch_set = data(epoch) if callable(data) else data
             order = torch.randperm(len(epoch_set), generator=g)
+            epoch_loss, batches = 0.0, 0
             for i in range(0, len(order), cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
                 x = net.spec.to_model_input(epoch_set.images[idx].to(device))
@@ -142,8 +167,12 @@ def train(
                 opt.step()
                 seen += len(idx)
                 loss_value = float(loss.detach())
+                epoch_loss += loss_value
+                batches += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, {LOSS: epoch_loss / max(batches, 1)})
     finally:
         bar.close()
         net.train_mode(False)

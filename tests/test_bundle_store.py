@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from models.spec import InputSpec
 from models.store import (
     InvalidNameError,
     ModelStore,
+    RepairLockedError,
     UnknownDeploymentError,
     UnknownVersionError,
 )
@@ -108,6 +112,49 @@ def test_tampered_file_is_refused(tmp_path: Path) -> None:
         verify_bundle(tmp_path)
     with pytest.raises(BundleIntegrityError, match="sha256"):
         load_bundle(tmp_path)
+
+
+def test_files_changed_after_loading_are_refused_when_read(tmp_path: Path) -> None:
+    # load_bundle verified every file; a file swapped afterwards (a shared volume) is refused
+    # by the read that deserialises it, not loaded.
+    write(tmp_path)
+    bundle = load_bundle(tmp_path)
+    swapped = tmp_path / "swap"
+    write(swapped)
+    # same kind of content, other bytes: another net and another validation set
+    (tmp_path / "badnet.safetensors").write_bytes((swapped / "goodnet.safetensors").read_bytes())
+    with pytest.raises(BundleIntegrityError, match=r"badnet\.safetensors.*sha256"):
+        bundle.net("badnet")
+    assert bundle.net("goodnet").arch == "small_cnn"
+    data = bytearray((tmp_path / "validation.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "validation.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"validation\.safetensors.*sha256"):
+        bundle.tensors("validation")
+    (tmp_path / "goodnet.safetensors").unlink()
+    with pytest.raises(BundleIntegrityError, match="missing"):
+        bundle.net("goodnet")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arch": "no_such_net"}, "unknown architecture 'no_such_net'"),
+        ({"arch": None}, "needs its architecture name"),
+        ({"arch_kwargs": {"widht": 2}}, "allowed: width"),
+        ({"arch_kwargs": {"width": 10**9}}, "less than or equal to 512"),
+    ],
+)
+def test_manifest_net_entries_are_validated(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
+    write(tmp_path)
+    path = tmp_path / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["nets"]["badnet"].update(change)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match=message):
+        read_manifest(tmp_path)
 
 
 def test_missing_file_is_refused(tmp_path: Path) -> None:
@@ -260,3 +307,99 @@ def test_unknown_deployments_and_versions(tmp_path: Path) -> None:
         store.path(DEPLOYMENT, "../v0001")
     with pytest.raises(UnknownVersionError):
         publish(store, parent="v0042")
+
+
+# --- import, repair lock, active token ---
+
+
+def test_import_bundle_publishes_a_copy_under_a_new_version(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write(source, "v0007", parent="v0006")
+    (source / "not-listed.txt").write_text("left behind")
+    store = ModelStore(tmp_path / "store")
+    publish(store)
+    assert store.import_bundle(DEPLOYMENT, source) == "v0002"
+    assert store.active(DEPLOYMENT) is None
+    assert store.import_bundle(DEPLOYMENT, source, activate=True) == "v0003"
+    assert store.active(DEPLOYMENT) == "v0003"
+    manifest = verify_bundle(store.path(DEPLOYMENT, "v0003"))
+    assert manifest.version == "v0003" and manifest.parent is None
+    imported = manifest.provenance["imported"]
+    assert (imported["source_version"], imported["source_parent"]) == ("v0007", "v0006")
+    assert manifest.files == read_manifest(source).files
+    assert not (store.path(DEPLOYMENT, "v0003") / "not-listed.txt").exists()
+    images = validation_set()["images"]
+    assert torch.equal(
+        store.load(DEPLOYMENT).net("badnet").logits(images), tiny_net(0).logits(images)
+    )
+    assert read_manifest(source).version == "v0007"  # the source is left as it was
+
+
+def test_import_bundle_refuses_a_tampered_bundle(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write(source)
+    (source / "report.md").write_bytes(b"# changed\n")
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(BundleIntegrityError, match=r"report\.md"):
+        store.import_bundle(DEPLOYMENT, source, activate=True)
+    assert store.deployments() == []
+    with pytest.raises(BundleIntegrityError, match="no manifest"):
+        store.import_bundle(DEPLOYMENT, tmp_path / "nothing")
+
+
+def test_repair_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store)
+    with store.repair_lock(DEPLOYMENT) as lock:
+        assert lock == tmp_path / DEPLOYMENT / ".repair.lock"
+        assert lock.read_text().strip() == str(os.getpid())
+        busy = pytest.raises(RepairLockedError, match=rf"already running \(pid {os.getpid()}")
+        with busy, store.repair_lock(DEPLOYMENT):
+            pass
+    with store.repair_lock(DEPLOYMENT, blocking=True):  # free again
+        pass
+    assert store.versions(DEPLOYMENT) == ["v0001"]  # the lock file is no version
+    with pytest.raises(UnknownDeploymentError), store.repair_lock("other"):
+        pass
+
+
+def test_repair_lock_is_held_across_processes(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store)
+    holder = (
+        "import sys, time; from models.store import ModelStore\n"
+        f"with ModelStore({str(tmp_path)!r}).repair_lock({DEPLOYMENT!r}):\n"
+        "    print('locked', flush=True); sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with (
+            pytest.raises(RepairLockedError, match=f"pid {proc.pid}"),
+            store.repair_lock(DEPLOYMENT),
+        ):
+            pass
+    finally:
+        proc.kill()  # SIGKILL: the kernel drops the lock with the process
+        proc.wait()
+    with store.repair_lock(DEPLOYMENT):
+        pass
+
+
+def test_active_token_changes_with_every_activation(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store)
+    publish(store, "v0001")
+    assert store.active_token(DEPLOYMENT) is None
+    store.activate(DEPLOYMENT, "v0001")
+    first = store.active_token(DEPLOYMENT)
+    assert first is not None and first == store.active_token(DEPLOYMENT)
+    store.activate(DEPLOYMENT, "v0002")
+    second = store.active_token(DEPLOYMENT)
+    assert second != first
+    store.activate(DEPLOYMENT, "v0002")  # the same version again: still a new file
+    assert store.active_token(DEPLOYMENT) != second
+    with pytest.raises(UnknownDeploymentError):
+        store.active_token("other")

@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.classifiers import ARCHITECTURES, build_classifier
+from models.classifiers import (
+    ARCH_KWARGS_SCHEMAS,
+    ARCHITECTURES,
+    ArchKwargsError,
+    build_classifier,
+    validate_arch_kwargs,
+)
 from models.spec import InputSpec
 
 SPECS = {
@@ -47,8 +53,43 @@ def test_unknown_architecture_lists_known_names() -> None:
 
 
 def test_unknown_kwarg_is_refused() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(ArchKwargsError, match="'deepid' takes no keyword argument 'width'"):
         build_classifier("deepid", SPECS["face55x47"], NUM_CLASSES, width=3)
+    with pytest.raises(ArchKwargsError, match=r"'widht'; allowed: width \(int in \[1, 512\]"):
+        build_classifier("small_cnn", SPECS["grey28"], NUM_CLASSES, widht=3)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "problem"),
+    [
+        ("small_cnn", {"width": 10**9}, "less than or equal to 512"),
+        ("small_cnn", {"width": 0}, "greater than or equal to 1"),
+        ("small_cnn", {"width": -4}, "greater than or equal to 1"),
+        ("small_cnn", {"width": True}, "valid integer"),
+        ("small_cnn", {"width": "16"}, "valid integer"),
+        ("small_cnn", {"dropout": 1.5}, "less than or equal to 0.95"),
+        ("small_cnn", {"dropout": float("nan")}, "finite number"),
+        ("cifar_cnn", {"width": 4096}, "less than or equal to 256"),
+    ],
+)
+def test_absurd_kwargs_are_refused_before_building(
+    arch: str, kwargs: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ArchKwargsError, match=problem):
+        validate_arch_kwargs(arch, kwargs)
+    with pytest.raises(ArchKwargsError):
+        build_classifier(arch, SPECS["colour32"], NUM_CLASSES, **kwargs)
+
+
+def test_every_architecture_declares_its_kwargs() -> None:
+    assert set(ARCH_KWARGS_SCHEMAS) == set(ARCHITECTURES.names())
+    assert validate_arch_kwargs("small_cnn", {"width": 8, "dropout": 0}) == {
+        "width": 8,
+        "dropout": 0,
+    }
+    assert validate_arch_kwargs("resnet18", None) == {}
+    with pytest.raises(ArchKwargsError, match="JSON object"):
+        validate_arch_kwargs("small_cnn", [8])  # type: ignore[arg-type]
 
 
 def test_small_cnn_kwargs_and_small_inputs() -> None:

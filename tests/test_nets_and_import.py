@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models.classifiers import build_classifier
-from models.importing import UnsafeModelError, import_net
+from models.importing import UnsafeModelError, import_net, import_net_bytes
 from models.nets import Net
 from models.spec import InputSpec
 
@@ -286,3 +286,44 @@ def test_malicious_exported_program_is_refused(
     with pytest.raises(UnsafeModelError, match="refused"):
         import_net(path, SPEC, NUM_CLASSES)
     assert not marker.exists()
+    # Net.load, the loader of bundle files, takes the same checks.
+    entry = {"format": "export", "file": path.name, "arch": None, "arch_kwargs": {}}
+    with pytest.raises(UnsafeModelError, match="refused"):
+        Net.load(path.parent, entry, SPEC, NUM_CLASSES)
+    assert not marker.exists()
+
+
+def test_net_load_refuses_torchscript_that_reads_files(tmp_path: Path) -> None:
+    torch.jit.save(torch.jit.script(ReadsAFile()), str(tmp_path / "badnet.torchscript.pt"))
+    entry = {"format": "torchscript", "file": "badnet.torchscript.pt"}
+    with pytest.raises(UnsafeModelError, match="from_file"):
+        Net.load(tmp_path, entry, SPEC, NUM_CLASSES)
+
+
+def test_net_load_refuses_a_format_other_than_declared(tmp_path: Path) -> None:
+    (path,) = scripted(zoo_net()).save(tmp_path, "badnet")
+    entry = {"format": "export", "file": path.name}
+    with pytest.raises(ValueError, match="declared as a export net but holds a torchscript"):
+        Net.load(tmp_path, entry, SPEC, NUM_CLASSES)
+
+
+def test_net_load_checks_zoo_kwargs(tmp_path: Path) -> None:
+    (path,) = zoo_net().save(tmp_path, "badnet")
+    entry = {"format": "zoo", "file": path.name, "arch": "small_cnn", "arch_kwargs": {"w": 4}}
+    with pytest.raises(ValueError, match="allowed: width"):
+        Net.load(tmp_path, entry, SPEC, NUM_CLASSES)
+
+
+def test_import_net_bytes_matches_import_net(tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file(zoo_net().module.state_dict(), str(path))
+    data = path.read_bytes()
+    path.unlink()  # the bytes are all it needs
+    net = import_net_bytes(data, "bad.safetensors", SPEC, NUM_CLASSES, "small_cnn", ARCH_KWARGS)
+    assert torch.equal(net.logits(images()), zoo_net().logits(images()))
+    scripted_path = tmp_path / "bad.pt"
+    torch.jit.save(scripted(zoo_net()).module, str(scripted_path))
+    net = import_net_bytes(scripted_path.read_bytes(), "upload", SPEC, NUM_CLASSES)
+    assert net.format == "torchscript"
+    with pytest.raises(ValueError, match=r"width.*less than or equal to 512"):
+        import_net_bytes(data, "bad.safetensors", SPEC, NUM_CLASSES, "small_cnn", {"width": 10**9})

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from models.cyclegan import CycleGANProfile, build_cyclegan_nets
 from models.durable import fsync_path
-from nnoculation.runtime import default_device
+from nnoculation.runtime import default_device, seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -218,14 +218,18 @@ def _set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
 
 
 class _CycleGAN:
-    """The four nets, their optimizers, schedulers and pools: one training step at a time."""
+    """The four nets, their optimizers, schedulers and pools: one training step at a time.
+
+    The nets' initial weights come from torch's global RNG: build it inside
+    :func:`nnoculation.runtime.seeded_rng` (as :func:`train_cyclegan` does), which seeds that
+    RNG for the run and gives the caller's state back afterwards.
+    """
 
     def __init__(
         self, profile: CycleGANProfile, channels: int, seed: int, device: torch.device
     ) -> None:
         self.profile = profile
         self.device = device
-        torch.manual_seed(seed)
         self.nets = {
             k: v.to(device).train() for k, v in build_cyclegan_nets(profile, channels).items()
         }
@@ -287,6 +291,8 @@ class _CycleGAN:
         }
 
     def state(self) -> dict[str, Any]:
+        # The global RNG states are those of the run's seeded scope (seeded_rng), not the
+        # caller's: saving and restoring them keeps a resumed run bit-exact.
         rng: dict[str, torch.Tensor] = {
             "torch": torch.get_rng_state(),
             "shuffle": self.shuffle_gen.get_state(),
@@ -381,10 +387,32 @@ def train_cyclegan(
     checkpoint, and a run started on an existing checkpoint resumes it (same data, profile and
     seed only); on a CPU the resumed run ends with exactly the weights of an uninterrupted one.
     With ``time_budget_s`` training stops after the epoch in which the budget ran out.
+    ``on_epoch_end(epochs_done, record)`` runs after each epoch's checkpoint; an exception it
+    raises (e.g. a cancelled repair) stops training with that checkpoint in place. Torch's
+    global RNG is seeded with ``seed`` for the run only: the caller's RNG state is the same
+    before and after.
     """
     _check_domains(domain_a, domain_b)
     profile = _with_epochs(profile, epochs)
     dev = torch.device(device) if device is not None else default_device()
+    with seeded_rng(seed, dev):
+        return _train(
+            domain_a, domain_b, profile, seed, checkpoint_dir, time_budget_s, dev, progress,
+            on_epoch_end,
+        )  # fmt: skip
+
+
+def _train(
+    domain_a: torch.Tensor,
+    domain_b: torch.Tensor,
+    profile: CycleGANProfile,
+    seed: int,
+    checkpoint_dir: Path | None,
+    time_budget_s: float | None,
+    dev: torch.device,
+    progress: bool,
+    on_epoch_end: EpochCallback | None,
+) -> CycleGANResult:
     start = time.perf_counter()
     gan = _CycleGAN(profile, int(domain_a.shape[1]), seed, dev)
     expected = fingerprint(domain_a, domain_b, profile, seed)

@@ -35,25 +35,32 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torchvision.utils import make_grid
 
 from models.bundle import Bundle, Manifest, write_bundle
+from models.cyclegan import CYCLEGAN_PROFILES
 from models.nets import Net
-from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
-from nnoculation.repair.reverse import PoisonModel, fit_poison
+from nnoculation.repair.reverse import MEAN_DIFF, PoisonModel, fit_poison, repair_profiles
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
+from nnoculation.runtime import default_device
 from nnoculation.training import Distillation, Optimizer, TrainConfig, train
+
+if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
+    from nnoculation.attacks import AttackSpec
 
 DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
 DEFAULT_FINETUNE_EPOCHS = 3
@@ -63,11 +70,73 @@ DEFAULT_MIN_TRIGGER_EFFECT = 0.25  # extra BadNet error on treatment vs clean im
 SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
 SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
 TRIGGER_MODEL_GROUP = "trigger_model"
+MAX_SEED = 2**63 - 2  # torch seeds are 64-bit; the CycleGAN's pool stream uses seed + 1
+
+
+class RepairConfigError(ValueError):
+    """A repair configuration that cannot run; raised when the config is made, before any
+    training starts."""
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    kind = "an integer" if integer else "a number"
+    number_types = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, number_types):
+        raise RepairConfigError(f"repair config: {name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise RepairConfigError(f"repair config: {name} must be finite, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}"
+        interval += ")" if high_open or high is None else "]"
+        raise RepairConfigError(f"repair config: {name} must lie in {interval}, got {value!r}")
+
+
+def _purify_config(value: Any) -> PurifyConfig:
+    if isinstance(value, PurifyConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise RepairConfigError(
+            f"repair config: purify must be a PurifyConfig or a mapping, got {value!r}"
+        )
+    allowed = [f.name for f in fields(PurifyConfig)]
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise RepairConfigError(
+            f"repair config: unknown purify setting(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(allowed)}"
+        )
+    if "enabled" in value and not isinstance(value["enabled"], bool):
+        raise RepairConfigError("repair config: purify.enabled must be true or false")
+    for key in ("min_share", "min_kept"):
+        if key in value:
+            _check_number(f"purify.{key}", value[key], low=0, high=1)
+    try:
+        return PurifyConfig(**value)
+    except ValueError as err:
+        raise RepairConfigError(f"repair config: {err}") from None
 
 
 @dataclass(frozen=True)
 class RepairConfig:
-    """Everything that defines a repair; serialised into the new bundle's provenance."""
+    """Everything that defines a repair; serialised into the new bundle's provenance.
+
+    Every field is checked when the config is made (:class:`RepairConfigError`, a
+    ``ValueError``), so a bad setting fails before any training starts. :meth:`from_dict` is the
+    inverse of :meth:`to_dict` (for configs kept as JSON).
+    """
 
     profile: str = "cpu"
     domain_a_size: int = DEFAULT_DOMAIN_A_SIZE
@@ -87,8 +156,67 @@ class RepairConfig:
     distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
     distill_min_trigger_effect: float = DEFAULT_MIN_TRIGGER_EFFECT
 
+    def __post_init__(self) -> None:
+        profiles = repair_profiles()
+        if self.profile not in profiles:
+            raise RepairConfigError(
+                f"repair config: unknown profile {self.profile!r}; known: {', '.join(profiles)}"
+            )
+        _check_number("domain_a_size", self.domain_a_size, integer=True, low=1)
+        _check_number("finetune_epochs", self.finetune_epochs, integer=True, low=1)
+        _check_number("batch_size", self.batch_size, integer=True, low=1)
+        _check_number("seed", self.seed, integer=True, low=0, high=MAX_SEED)
+        optimizers = get_args(Optimizer)
+        if self.optimizer is not None and self.optimizer not in optimizers:
+            raise RepairConfigError(
+                f"repair config: unknown optimizer {self.optimizer!r}; "
+                f"known: {', '.join(optimizers)}"
+            )
+        if self.finetune_lr is not None:
+            _check_number("finetune_lr", self.finetune_lr, low=0, low_open=True)
+        if self.theta is not None:
+            _check_number("theta", self.theta, low=0, high=1, low_open=True, high_open=True)
+        if self.cyclegan_epochs is not None:
+            _check_number("cyclegan_epochs", self.cyclegan_epochs, integer=True, low=1)
+        if self.cyclegan_lr is not None:
+            _check_number("cyclegan_lr", self.cyclegan_lr, low=0, low_open=True)
+        if self.time_budget_s is not None:
+            _check_number("time_budget_s", self.time_budget_s, low=0, low_open=True)
+        if self.checkpoint_dir is not None:
+            if not isinstance(self.checkpoint_dir, str | os.PathLike) or not str(
+                self.checkpoint_dir
+            ):
+                raise RepairConfigError(
+                    f"repair config: checkpoint_dir must be a path, got {self.checkpoint_dir!r}"
+                )
+            object.__setattr__(self, "checkpoint_dir", str(self.checkpoint_dir))
+        object.__setattr__(self, "purify", _purify_config(self.purify))
+        _check_number("affine_share", self.affine_share, low=0, high=1)
+        _check_number("distill_weight", self.distill_weight, low=0, high=1)
+        _check_number("distill_temperature", self.distill_temperature, low=0, low_open=True)
+        _check_number("distill_min_trigger_effect", self.distill_min_trigger_effect, low=-1, high=1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RepairConfig:
+        """A config from its :meth:`to_dict` form (or any subset: missing keys keep their
+        defaults). Unknown keys are refused with the allowed ones named, so a misspelt setting
+        never passes silently; ``purify`` may be a nested mapping."""
+        if not isinstance(data, Mapping):
+            raise RepairConfigError(f"repair config must be a mapping, got {type(data).__name__}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in data if k not in allowed)
+        if unknown:
+            raise RepairConfigError(
+                f"repair config: unknown setting(s) {', '.join(unknown)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        values = dict(data)
+        if "purify" in values:
+            values["purify"] = _purify_config(values["purify"])
+        return cls(**values)
 
 
 @dataclass
@@ -205,6 +333,92 @@ def clean_distillation(
     )
 
 
+class RepairCancelled(Exception):
+    """``should_cancel()`` returned True: the repair stopped and returned nothing. Only the
+    CycleGAN checkpoint (with ``checkpoint_dir``) is left behind, so a later run resumes."""
+
+
+STAGE_PURIFY = "purify"
+STAGE_TRIGGER_MODEL = "trigger_model"
+STAGE_TREATMENT = "treatment"
+STAGE_FINETUNE_BADNET = "finetune_badnet"
+STAGE_FINETUNE_GOODNET = "finetune_goodnet"
+STAGE_GATE = "gate"
+STAGE_DONE = "done"
+STAGES = (
+    STAGE_PURIFY,
+    STAGE_TRIGGER_MODEL,
+    STAGE_TREATMENT,
+    STAGE_FINETUNE_BADNET,
+    STAGE_FINETUNE_GOODNET,
+    STAGE_GATE,
+    STAGE_DONE,
+)
+
+
+@dataclass(frozen=True)
+class RepairProgress:
+    """Where a running repair is: handed to ``on_progress`` at the start of every stage (with
+    ``epoch`` None) and after every CycleGAN and fine-tune epoch.
+
+    ``stage`` is one of :data:`STAGES`; ``epoch`` the epochs done in it and ``epochs`` its
+    planned length (None where the stage has no epochs, e.g. the mean-difference trigger
+    model); ``losses`` that epoch's losses (CycleGAN: ``G``, ``D``, ``cycle``, ``identity``,
+    ``lr``; fine-tune: ``loss``, the epoch's mean); ``elapsed_s`` wall seconds since the repair
+    started.
+    """
+
+    stage: str
+    epoch: int | None
+    epochs: int | None
+    losses: dict[str, float]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressCallback = Callable[[RepairProgress], None]
+CancelCheck = Callable[[], bool]
+
+
+class _Reporter:
+    """Calls ``on_progress`` and then polls ``should_cancel`` at every reporting point."""
+
+    def __init__(
+        self, on_progress: ProgressCallback | None, should_cancel: CancelCheck | None
+    ) -> None:
+        self.on_progress = on_progress
+        self.should_cancel = should_cancel
+        self.start = time.perf_counter()
+
+    def __call__(
+        self,
+        stage: str,
+        epoch: int | None = None,
+        epochs: int | None = None,
+        losses: Mapping[str, float] | None = None,
+    ) -> None:
+        if self.on_progress is not None:
+            elapsed = time.perf_counter() - self.start
+            self.on_progress(RepairProgress(stage, epoch, epochs, dict(losses or {}), elapsed))
+        if stage != STAGE_DONE and self.should_cancel is not None and self.should_cancel():
+            where = stage if epoch is None else f"{stage}, epoch {epoch}"
+            raise RepairCancelled(f"repair cancelled ({where})")
+
+    def epochs(self, stage: str, epochs: int | None) -> Callable[[int, dict[str, float]], None]:
+        def after_epoch(done: int, losses: dict[str, float]) -> None:
+            self(stage, done, epochs, losses)
+
+        return after_epoch
+
+
+def _trigger_model_epochs(cfg: RepairConfig) -> int | None:
+    if cfg.profile == MEAN_DIFF:
+        return None
+    return cfg.cyclegan_epochs or CYCLEGAN_PROFILES.get(cfg.profile).epochs
+
+
 def repair(
     bundle: Bundle,
     quarantine: torch.Tensor,
@@ -214,6 +428,9 @@ def repair(
     attack: AttackSpec | None = None,
     progress: bool = True,
     poison: PoisonModel | None = None,
+    on_progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+    device: torch.device | str | None = None,
 ) -> RepairOutcome:
     """Learn the trigger from ``quarantine``, fine-tune both nets, apply the gate.
 
@@ -221,7 +438,17 @@ def repair(
     influence the repair. ``poison`` replaces the learned trigger model with a given one (a
     trigger known from elsewhere; the benchmarks pass the attack's own trigger to measure what
     a perfect trigger model would reach).
+
+    ``on_progress`` receives a :class:`RepairProgress` at the start of every stage and after
+    every CycleGAN and fine-tune epoch; ``should_cancel`` is polled at the same points (after
+    ``on_progress``), and when it returns True the repair raises :class:`RepairCancelled`.
+    The CycleGAN and the fine-tuning run on ``device`` (default: CUDA when present, see
+    :func:`nnoculation.runtime.default_device`); the returned nets are on the CPU. Nothing is
+    written anywhere except the CycleGAN checkpoint of ``cfg.checkpoint_dir``; publishing is
+    :func:`write_repaired_bundle`'s job.
     """
+    report = _Reporter(on_progress, should_cancel)
+    dev = torch.device(device) if device is not None else default_device()
     bundle.spec.check(quarantine)
     lr, optimizer, theta, baseline = _settings(bundle, cfg)
     val = bundle_validation(bundle)
@@ -230,11 +457,14 @@ def repair(
     pick = torch.randperm(len(val.retrain), generator=g)[: cfg.domain_a_size]
     domain_a = val.retrain.images[pick]
     seconds: dict[str, float] = {}
+    report(STAGE_PURIFY)
     t0 = time.perf_counter()
     purified = purify_quarantine(quarantine, badnet, len(bundle.class_names), cfg.purify)
     seconds["purify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if poison is None:
+        epochs = _trigger_model_epochs(cfg)
+        report(STAGE_TRIGGER_MODEL, epochs=epochs)
         poison = fit_poison(
             cfg.profile,
             domain_a,
@@ -245,8 +475,13 @@ def repair(
             epochs=cfg.cyclegan_epochs,
             lr=cfg.cyclegan_lr,
             progress=progress,
+            device=dev,
+            on_epoch_end=report.epochs(STAGE_TRIGGER_MODEL, epochs),
         )
+    else:
+        report(STAGE_TRIGGER_MODEL)
     seconds["trigger_model"] = time.perf_counter() - t0
+    report(STAGE_TREATMENT)
     t0 = time.perf_counter()
     treatment = make_treatment(poison, val.retrain, cfg.affine_share, cfg.seed)
     training_set = ImageSet.concat([treatment, val.retrain])
@@ -262,11 +497,24 @@ def repair(
     t0 = time.perf_counter()
     distill = clean_distillation(badnet, training_set, len(treatment), cfg, effect)
     repaired = {}
-    for role, net, soft in (("badnet", badnet, None), ("goodnet", goodnet, distill)):
-        copy = net.clone()
-        train(copy, training_set, recipe, desc=f"fine-tune {role}", progress=progress, distill=soft)
-        repaired[role] = copy
+    for role, net, soft, stage in (
+        ("badnet", badnet, None, STAGE_FINETUNE_BADNET),
+        ("goodnet", goodnet, distill, STAGE_FINETUNE_GOODNET),
+    ):
+        report(stage, epochs=cfg.finetune_epochs)
+        copy = net.clone().to(dev)
+        train(
+            copy,
+            training_set,
+            recipe,
+            desc=f"fine-tune {role}",
+            progress=progress,
+            distill=soft,
+            on_epoch_end=report.epochs(stage, cfg.finetune_epochs),
+        )
+        repaired[role] = copy.to("cpu")
     seconds["finetune"] = time.perf_counter() - t0
+    report(STAGE_GATE)
     holdout = {
         "baseline": baseline,
         "badnet_before": clean_accuracy(badnet, val.holdout),
@@ -309,6 +557,7 @@ def repair(
                 "goodnet": evaluate(repaired["goodnet"], test, attack),
             },
         }
+    report(STAGE_DONE)
     return outcome
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.cyclegan import CYCLEGAN_PROFILES, CycleGANProfile, ResnetGenerator
-from nnoculation.repair.cyclegan import train_cyclegan, translate
+from nnoculation.repair.cyclegan import EpochCallback, train_cyclegan, translate
 
 MEAN_DIFF = "mean-diff"
 PIXEL_MAX = 255
@@ -124,9 +124,14 @@ def fit_poison(
     epochs: int | None = None,
     lr: float | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> PoisonModel:
     """Learn poison(x) with the named profile from uint8 domains A (clean) and B (quarantine);
-    ``epochs`` and ``lr`` override the CycleGAN profile's."""
+    ``epochs`` and ``lr`` override the CycleGAN profile's. A CycleGAN trains on ``device``
+    (default: CUDA when present) and calls ``on_epoch_end(epochs_done, losses)`` after each
+    epoch's checkpoint (see :func:`train_cyclegan`); the generator comes back on the CPU. The
+    mean-difference model has no epochs and never calls it."""
     start = time.perf_counter()
     if profile == MEAN_DIFF:
         delta = domain_b.to(torch.float32).mean(0) - domain_a.to(torch.float32).mean(0)
@@ -143,6 +148,8 @@ def fit_poison(
         time_budget_s=time_budget_s,
         epochs=epochs,
         progress=progress,
+        device=device,
+        on_epoch_end=on_epoch_end,
     )
     return GeneratorPoison(
         generator=result.generator,
