@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 import nnoculation
 from service import housekeeping
@@ -57,6 +59,20 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+
+    @app.exception_handler(405)
+    async def method_not_allowed(request: Request, err: Exception) -> JSONResponse:
+        # Starlette's Allow header names the methods of the first route matching the path
+        # only; GET and DELETE of one path are two routes here, so list them all.
+        allowed = sorted(
+            method
+            for route in app.router.routes
+            if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
+            for method in route.methods
+        )
+        return JSONResponse(
+            {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)}
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> JSONResponse:

@@ -8,7 +8,10 @@ from pydantic import BaseModel, Field
 
 
 class ErrorOut(BaseModel):
-    detail: str = Field(description="what was wrong, for a person")
+    detail: str | list[dict[str, Any]] = Field(
+        description="what was wrong, for a person (a list for invalid parameters, as FastAPI "
+        "reports them)"
+    )
 
 
 class PredictionOut(BaseModel):
@@ -43,8 +46,9 @@ class HealthOut(BaseModel):
 
 
 class RepairStarted(BaseModel):
-    repair_id: str
-    started: bool = Field(description="false: a repair was already in flight (409)")
+    repair_id: str | None = Field(description="the repair started, or the one in flight")
+    started: bool = Field(description="false (409): a repair is in flight, or nothing is pending")
+    detail: str | None = None
 
 
 class Detail(BaseModel):

@@ -68,6 +68,7 @@ class Swapper:
         self.on_refuse = on_refuse
         self._lock = asyncio.Lock()
         self._refused: dict[str, float] = {}
+        self._token: object = None  # the store's active token at the last sync
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._listener: threading.Thread | None = None
@@ -139,15 +140,29 @@ class Swapper:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _pointer_moved(self) -> bool:
+        """One ``stat`` of the active pointer: did it change since the last look?"""
+        try:
+            token = self.store.active_token(self.deployment)
+        except StoreError:
+            token = None
+        moved, self._token = token != self._token, token
+        return moved
+
     async def _poll(self) -> None:
         while True:
+            kicked = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll_interval_s)
+                kicked = True
             self._kick.clear()
-            try:
-                await self.sync()
-            except Exception:
-                logger.exception("model sync failed")
+            moved = await asyncio.to_thread(self._pointer_moved)
+            # A refused version is retried after RETRY_REFUSED_S even if nothing moved.
+            if kicked or moved or self._refused:
+                try:
+                    await self.sync()
+                except Exception:
+                    logger.exception("model sync failed")
 
     def _listen(self, client: redis.Redis, keys: Keys, loop: asyncio.AbstractEventLoop) -> None:
         """Blocking pub/sub loop in a thread; resubscribes after Redis errors."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message
 
 RAW_TYPES = frozenset(
@@ -68,12 +69,11 @@ async def _form_parts(request: Request, body: bytes, max_files: int) -> list[Upl
 
     try:
         form = await Request(request.scope, replay).form(
-            max_files=max_files, max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1
+            max_files=max_files + 1, max_fields=MAX_FORM_FIELDS, max_part_size=len(body) + 1
         )
-    except HTTPException:
-        raise
-    except Exception as err:  # python-multipart's parse errors
-        raise HTTPException(400, f"the multipart body cannot be parsed: {err}") from None
+    except (StarletteHTTPException, ValueError) as err:  # Starlette's and python-multipart's
+        detail = getattr(err, "detail", None) or str(err)
+        raise HTTPException(400, f"the multipart body cannot be parsed: {detail}") from None
     uploads = []
     for name in FILE_FIELDS:
         for value in form.getlist(name):
@@ -93,6 +93,8 @@ async def read_images(request: Request, limit: int, max_files: int) -> list[Uplo
         uploads = await _form_parts(request, body, max_files)
         if not uploads:
             raise HTTPException(422, f"the multipart body has no 'file' part; {HOW_TO_SEND}")
+        if len(uploads) > max_files == 1:
+            raise HTTPException(422, "send one image; /predict/batch takes several")
         if len(uploads) > max_files:
             raise HTTPException(413, f"{len(uploads)} files sent; at most {max_files} accepted")
         return uploads

@@ -19,6 +19,7 @@ Steps, each safe to re-run after a crash at any point:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 
 from rq import get_current_job
 
-from models.store import ModelStore
+from models.store import ModelStore, RepairLockedError
 from nnoculation.deployment import resolve_device
 from nnoculation.online.announce import announce_activation
 from nnoculation.online.connection import connect
@@ -122,18 +123,19 @@ def run_repair(deployment: str, repair_id: str, attempt: int) -> dict[str, Any]:
 
 def execute(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
     """Run one attempt of a repair (importable and testable without RQ)."""
-    record = ctx.repairs.get(repair_id)
-    if record is None or record["status"] in TERMINAL:
-        return {"repair_id": repair_id, "skipped": "no repair in flight with this id"}
-    if int(record["attempt"]) != attempt:
-        return {"repair_id": repair_id, "skipped": f"attempt {attempt} is stale"}
-    started = time.perf_counter()
-    with (
-        Heartbeat(ctx.repairs, repair_id, ctx.settings.heartbeat_ttl_s),
-        ctx.store.repair_lock(ctx.settings.deployment, timeout_s=LOCK_WAIT_S),
-    ):
+    skipped = _stale(ctx, repair_id, attempt)
+    if skipped:
+        return {"repair_id": repair_id, "skipped": skipped}
+    with contextlib.ExitStack() as stack:
+        if not _take_lock(ctx, stack):
+            return {"repair_id": repair_id, "skipped": "another process holds the repair lock"}
+        skipped = _stale(ctx, repair_id, attempt)  # re-read: the wait may have taken a while
+        if skipped:
+            return {"repair_id": repair_id, "skipped": skipped}
+        stack.enter_context(Heartbeat(ctx.repairs, repair_id, ctx.settings.heartbeat_ttl_s))
+        started = time.perf_counter()
         try:
-            result = _attempt(ctx, repair_id, record, attempt)
+            result = _attempt(ctx, repair_id, attempt)
         except RepairCancelled:
             ctx.quarantine.release(repair_id)
             ctx.repairs.finish(
@@ -150,10 +152,33 @@ def execute(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
             )  # fmt: skip
             metrics.finished(FAILED, time.perf_counter() - started)
             raise
-    metrics.finished(str(result["status"]), time.perf_counter() - started)
-    if result["status"] in TERMINAL:
+        metrics.finished(str(result.get("status", "skipped")), time.perf_counter() - started)
+    if result.get("status") in TERMINAL:
         shutil.rmtree(ctx.settings.checkpoint_dir(repair_id), ignore_errors=True)
     return result
+
+
+def _stale(ctx: Context, repair_id: str, attempt: int) -> str | None:
+    """Why this attempt must not run (None when it should)."""
+    record = ctx.repairs.get(repair_id)
+    if record is None or record["status"] in TERMINAL:
+        return "no repair in flight with this id"
+    if int(record["attempt"]) != attempt:
+        return f"attempt {attempt} is stale (the record is at attempt {record['attempt']})"
+    return None
+
+
+def _take_lock(ctx: Context, stack: contextlib.ExitStack) -> bool:
+    """The store's repair lock of the deployment, waiting up to ``LOCK_WAIT_S``."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            stack.enter_context(ctx.store.repair_lock(ctx.settings.deployment))
+            return True
+        except RepairLockedError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
 
 def _progress(ctx: Context, repair_id: str) -> Any:
@@ -178,7 +203,9 @@ def _cancel_check(ctx: Context, repair_id: str) -> Any:
     return should_cancel
 
 
-def _attempt(ctx: Context, repair_id: str, record: dict[str, Any], attempt: int) -> dict[str, Any]:
+def _attempt(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
+    record = ctx.repairs.get(repair_id)
+    assert record is not None
     deployment, parent = ctx.settings.deployment, str(record["version"])
     if record["status"] == CANCEL_REQUESTED:
         raise RepairCancelled("cancelled before it started")

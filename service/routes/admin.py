@@ -22,7 +22,12 @@ from service.runtime import Runtime
 from service.schemas import Detail, RepairStarted, error_responses
 from service.traffic import read_stats
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses=error_responses(401),
+)
 
 PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
 MAX_SAMPLES = 500
@@ -118,7 +123,7 @@ async def quarantine_samples(
         str | None, Query(pattern=VERSION_PATH, description="default: served")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_SAMPLES)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> dict[str, Any]:
     version = version or rt.slot.version
     if version is None:
@@ -191,8 +196,8 @@ async def quarantine_archive(
     response_model=RepairStarted,
     status_code=202,
     responses={
-        409: {"model": RepairStarted, "description": "a repair is already in flight"},
-        **error_responses(422, 503),
+        409: {"model": RepairStarted, "description": "a repair is in flight or nothing is pending"},
+        **error_responses(503),
     },
     summary="Repair the active version now, from its pending quarantine",
 )
@@ -203,17 +208,20 @@ async def start_repair(
     if version is None:
         raise HTTPException(503, "the deployment has no active version to repair")
     current = await asyncio.to_thread(rt.repairs.current)
-    if current is not None:
-        return JSONResponse(RepairStarted(repair_id=current, started=False).model_dump(), 409)
     pending = await asyncio.to_thread(rt.quarantine.pending_count, version)
-    if pending == 0:
-        raise HTTPException(422, f"nothing to repair: no quarantined inputs of {version} pending")
-    result = await asyncio.to_thread(rt.repairs.start, version, "admin", pending)
-    if not result.started:
-        return JSONResponse(
-            RepairStarted(repair_id=result.repair_id, started=False).model_dump(), 409
-        )
-    return RepairStarted(repair_id=result.repair_id, started=True)
+    if current is None and pending == 0:
+        return _not_started(None, f"nothing to repair: no quarantined inputs of {version}")
+    if current is None:
+        result = await asyncio.to_thread(rt.repairs.start, version, "admin", pending)
+        if result.started:
+            return RepairStarted(repair_id=result.repair_id, started=True)
+        current = result.repair_id
+    return _not_started(current, f"repair {current} is in flight")
+
+
+def _not_started(repair_id: str | None, detail: str) -> JSONResponse:
+    body = RepairStarted(repair_id=repair_id, started=False, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=409)
 
 
 @router.get("/repairs", response_model=Detail, summary="Recent repairs, newest first")

@@ -17,7 +17,7 @@ from service.metrics import AGREE, EVALUATION, OVERLOADED, QUARANTINED, REJECTED
 from service.middleware import request_id
 from service.runtime import Runtime
 from service.schemas import BatchItemOut, BatchOut, PredictionOut, error_responses
-from service.uploads import read_images
+from service.uploads import MULTIPART, media_type, read_images
 
 router = APIRouter(tags=["predict"])
 
@@ -33,7 +33,13 @@ _ONE_FILE = {
 _MANY_FILES = {
     "schema": {
         "type": "object",
-        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+        "properties": {
+            "files": {
+                "type": "array",
+                "items": {"type": "string", "format": "binary"},
+                "minItems": 1,
+            }
+        },
         "required": ["files"],
     }
 }
@@ -145,8 +151,6 @@ async def predict(
     with rt.batcher.arrival():
         try:
             uploads = await read_images(request, rt.settings.max_body_bytes, max_files=1)
-            if len(uploads) != 1:
-                raise HTTPException(422, "send one image; /predict/batch takes several")
             image = decode_image(uploads[0].data, model.spec, rt.decode_policy(model))
         except ImageInputError as err:
             raise _reject(rt, model, HTTPException(err.status, str(err))) from None
@@ -177,6 +181,8 @@ async def predict_batch(
     model = _current(rt)
     with rt.batcher.arrival():
         try:
+            if media_type(request) != MULTIPART:
+                raise HTTPException(415, "send the images as multipart 'files' parts")
             uploads = await read_images(
                 request, rt.settings.max_body_bytes, max_files=rt.settings.max_batch_items
             )
