@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from models.bundle import MANIFEST_NAME, Bundle, load_bundle, read_manifest
+from models.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle, read_manifest
 from models.classifiers import ARCHITECTURES, ArchKwargsError, validate_arch_kwargs
 from models.importing import import_net
 from models.nets import Net
@@ -29,7 +29,6 @@ from models.store import (
     ModelStore,
     RepairLockedError,
     StoreError,
-    UnknownVersionError,
     format_version,
     version_number,
 )
@@ -38,7 +37,7 @@ from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.sources import DATASETS
 from nnoculation.ensemble import Ensemble
-from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
+from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir, publish_deployment
 from nnoculation.predeploy import (
     DEFAULT_ALPHA_MULTIPLES,
     DEFAULT_GAMMAS,
@@ -51,6 +50,7 @@ from nnoculation.repair.engine import (
     RepairConfigError,
     RepairOutcome,
     repair,
+    repair_in_store,
     repair_summary,
     write_repaired_bundle,
 )
@@ -331,7 +331,7 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         return EXIT_NO_GOODNET
     if target is not None:
         store, deployment = target
-        version = store.import_bundle(deployment, Path(args.out) / DEPLOYMENT_DIR, activate=True)
+        version = publish_deployment(outcome, store, deployment, activate=True)
         print(f"published to store {store.root} as {deployment} {version} (active)")
     return 0
 
@@ -348,11 +348,15 @@ def _deployment(path: str) -> Bundle:
     return load_bundle(_bundle_dir(path))
 
 
-def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
-    source = bundle.manifest.provenance.get("source", {})
+def _manifest_recipe(manifest: Manifest, dataset: str | None) -> Recipe:
+    source = manifest.provenance.get("source", {})
     if "recipe" in source:
         return Recipe.from_dict(source["recipe"])
     return default_recipe(dataset or "fashion-mnist")
+
+
+def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
+    return _manifest_recipe(bundle.manifest, dataset)
 
 
 def _attack_arg(path: str | None) -> AttackSpec | None:
@@ -422,6 +426,11 @@ def _run_repair(args: argparse.Namespace, bundle: Bundle, cfg: RepairConfig) -> 
     attack = _attack_arg(args.attack_spec)
     test = load_splits(_bundle_recipe(bundle, None)).test if attack is not None else None
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
+    _report_repair(args, outcome)
+    return outcome
+
+
+def _report_repair(args: argparse.Namespace, outcome: RepairOutcome) -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -430,7 +439,6 @@ def _run_repair(args: argparse.Namespace, bundle: Bundle, cfg: RepairConfig) -> 
     print(repair_summary(outcome))
     if not outcome.passed_gate:
         print(f"validation gate failed, nothing published: {outcome.reason}", file=sys.stderr)
-    return outcome
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -473,25 +481,28 @@ def _repair_in_store(
     """Repair the active version under the deployment's repair lock and publish the result as
     a new version (id from the store, parent the repaired version), active unless
     ``--no-activate``."""
-    with store.repair_lock(deployment):
-        parent = store.active(deployment)
-        if parent is None:
-            raise UnknownVersionError(
-                f"deployment {deployment!r} has no active version to repair; activate one with "
-                "`nnoculation store activate`"
-            )
-        bundle = store.load(deployment, parent)
-        outcome = _run_repair(args, bundle, cfg)
-        if not outcome.passed_gate:
-            return EXIT_GATE_FAILED
-        version = store.publish(
-            deployment,
-            lambda d, v: write_repaired_bundle(outcome, bundle, d, v),
-            parent,
-            activate=not args.no_activate,
-        )
-    state = "not activated" if args.no_activate else "active"
-    print(f"repaired deployment {deployment} {version} (parent {parent}) published, {state}")
+    attack = _attack_arg(args.attack_spec)
+    test = None
+    if attack is not None:  # evaluation only: the test pool of the recipe the versions share
+        active = store.active(deployment)
+        if active is not None:
+            test = load_splits(_manifest_recipe(store.manifest(deployment, active), None)).test
+    done = repair_in_store(
+        store,
+        deployment,
+        lambda bundle: load_quarantine(args.quarantine, bundle.spec),
+        cfg,
+        activate=not args.no_activate,
+        test=test,
+        attack=attack,
+    )
+    _report_repair(args, done.outcome)
+    if done.version is None:
+        return EXIT_GATE_FAILED
+    state = "active" if done.activated else "not activated"
+    print(
+        f"repaired deployment {deployment} {done.version} (parent {done.parent}) published, {state}"
+    )
     return 0
 
 
