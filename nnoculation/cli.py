@@ -560,7 +560,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _add_store_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
-    p.add_argument("--store", required=required, help=f"model store root {what}")
+    p.add_argument("--store", required=required, help=" ".join(["model store root", what]).strip())
     p.add_argument(
         "--deployment", required=required, type=_deployment_name, help="deployment name in it"
     )
