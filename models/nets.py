@@ -159,6 +159,7 @@ class Net:
             buffer = io.BytesIO()
             torch.jit.save(cast(torch.jit.ScriptModule, self.module), buffer)
             buffer.seek(0)
+            # our own module, serialised just above in memory: no untrusted file is read here
             module = torch.jit.load(buffer, map_location=self.device)
             module.train(self.module.training)
         else:

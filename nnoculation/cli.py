@@ -1,32 +1,43 @@
 """``nnoculation`` command line: parse, call the library, report. No logic lives here.
 
-Exit codes: 0 success, 2 usage error, 3 no GoodNet within theta, 4 bad input (missing data,
-refused or corrupt model file, unusable quarantine), 5 a repair failed the validation gate
-(nothing published).
+Exit codes: 0 success, 2 usage error (an option or setting out of range, misspelt or
+missing), 3 no GoodNet within theta, 4 bad input (missing data, refused or corrupt model file,
+unusable quarantine, unknown store version), 5 a repair failed the validation gate (nothing
+published), 6 another repair of the deployment holds its lock. Every error is one line on
+stderr; ``NNOC_DEBUG=1`` shows the traceback behind it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, NoReturn
 
-from models.bundle import Bundle, load_bundle
-from models.classifiers import ARCHITECTURES
+from models.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle, read_manifest
+from models.classifiers import ARCHITECTURES, ArchKwargsError, validate_arch_kwargs
 from models.importing import import_net
 from models.nets import Net
 from models.spec import InputSpec
-from models.store import format_version, version_number
+from models.store import (
+    DEPLOYMENT_PATTERN,
+    ModelStore,
+    RepairLockedError,
+    StoreError,
+    format_version,
+    version_number,
+)
 from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.sources import DATASETS
 from nnoculation.ensemble import Ensemble
-from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
+from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir, publish_deployment
 from nnoculation.predeploy import (
     DEFAULT_ALPHA_MULTIPLES,
     DEFAULT_GAMMAS,
@@ -34,12 +45,20 @@ from nnoculation.predeploy import (
     PredeployConfig,
 )
 from nnoculation.recipes import Recipe, default_recipe
-from nnoculation.repair.engine import RepairConfig, repair, repair_summary, write_repaired_bundle
+from nnoculation.repair.engine import (
+    RepairConfig,
+    RepairConfigError,
+    RepairOutcome,
+    repair,
+    repair_in_store,
+    repair_summary,
+    write_repaired_bundle,
+)
 from nnoculation.repair.purify import PurifyConfig
 from nnoculation.repair.quarantine import load_quarantine
 from nnoculation.repair.reverse import repair_profiles
 from nnoculation.reports import pct
-from nnoculation.runtime import configure_threads
+from nnoculation.runtime import ThreadsConfigError, configure_threads
 from nnoculation.stream import (
     DEFAULT_POISON_RATIO,
     DEFAULT_QUARANTINE_SIZE,
@@ -58,15 +77,112 @@ EXIT_USAGE = 2
 EXIT_NO_GOODNET = 3
 EXIT_BAD_INPUT = 4
 EXIT_GATE_FAILED = 5
+EXIT_BUSY = 6
 
 
-def _floats(text: str) -> tuple[float, ...]:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: raises :class:`UsageError` instead of printing the usage
+    block and exiting, so :func:`main` reports every usage error the same way (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    def text(x: float) -> str:
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    left = "(-inf" if low is None else ("(" if low_open else "[") + text(low)
+    right = "inf)" if high is None else text(high) + (")" if high_open else "]")
+    return f"{left}, {right}"
+
+
+def _number_type(
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], Any]:
+    """An argparse ``type``: a finite int / float within the bounds, else a one-line error."""
+    noun = "integer" if kind is int else "number"
+    if low == 0 and high is None:
+        what, bounds = f"a {'positive' if low_open else 'non-negative'} {noun}", ""
+    else:
+        what = f"an {noun}" if kind is int else f"a {noun}"
+        bounds = ""
+        if low is not None or high is not None:
+            bounds = " in " + _interval(low, high, low_open, high_open)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}{bounds}, got {text!r}") from None
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}{bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+def _number_list_type(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse ``type``: comma-separated numbers, each checked by ``item``; not empty."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        values = tuple(item(v.strip()) for v in text.split(",") if v.strip())
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+_positive_int = _number_type(int, 0, low_open=True)
+_seed = _number_type(int, 0, 2**63 - 2)
+_positive_float = _number_type(float, 0.0, low_open=True)
+_theta = _number_type(float, 0.0, 1.0, low_open=True, high_open=True)
+_share = _number_type(float, 0.0, 1.0)
+_floats = _number_list_type(_number_type(float))
+_positive_floats = _number_list_type(_positive_float)
+_shares = _number_list_type(_share)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """An argparse ``type``: a JSON object (e.g. architecture kwargs)."""
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+            f"expected a JSON object like '{{\"width\": 16}}', got {text!r}"
+        )
+    return value
+
+
+def _deployment_name(text: str) -> str:
+    if not DEPLOYMENT_PATTERN.match(text):
+        raise argparse.ArgumentTypeError(
+            f"invalid deployment name {text!r}: use letters, digits, '_', '.', '-' and do not "
+            "start with '.' or '-'"
+        )
+    return text
+
+
+def _version_id(text: str) -> str:
+    try:
+        version_number(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +192,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help=f"{', '.join(DATASETS.names())}, a .npz file or an image folder",
     )
     p.add_argument("--arch", choices=ARCHITECTURES.names(), help="default: the data set's recipe")
-    p.add_argument("--epochs", type=int, help="attacker's training epochs (default: recipe)")
-    p.add_argument("--seed", type=int, default=0, help="training and split seed")
+    p.add_argument(
+        "--epochs", type=_positive_int, help="attacker's training epochs (default: recipe)"
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="training and split seed")
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -116,11 +234,25 @@ def _load_badnet(
 ) -> tuple[Net, Recipe, dict[str, float] | None, AttackSpec | None]:
     """A BadNet from a bundle made by ``nnoculation attack`` (recipe known) or an imported file."""
     path = Path(args.badnet)
-    if (path / "badnet" / "manifest.json").exists():
+    if (path / "badnet" / MANIFEST_NAME).exists():
         path = path / "badnet"
-    if (path / "manifest.json").exists():
+    elif (path / DEPLOYMENT_DIR / MANIFEST_NAME).exists():
+        path = path / DEPLOYMENT_DIR
+    if (path / MANIFEST_NAME).exists():
         bundle = load_bundle(path)
         prov = bundle.manifest.provenance
+        if "predeploy" in prov or "goodnet" in bundle.roles:
+            raise ValueError(
+                f"{args.badnet} is a deployment bundle (BadNet + GoodNet made by `nnoculation "
+                "predeploy`), not a BadNet to defend; pass the folder made by `nnoculation "
+                "attack` (or its badnet/ bundle) or a model file, or repair this deployment "
+                "with `nnoculation repair --bundle`"
+            )
+        if "recipe" not in prov or "badnet" not in bundle.roles:
+            raise ValueError(
+                f"{path} is a bundle without a BadNet training recipe (not made by `nnoculation "
+                "attack`); pass the model file itself with --arch / --alpha0 / --mean / --std"
+            )
         recipe = Recipe.from_dict(prov["recipe"])
         metrics = bundle.manifest.metrics
         attack = attack_from_dict(prov["attack"]) if "attack" in prov else None
@@ -144,10 +276,33 @@ def _load_badnet(
     return net, recipe, None, None
 
 
+def _check_arch_kwargs(args: argparse.Namespace) -> None:
+    """``--arch-kwargs`` must fit ``--arch`` (unknown keys and absurd values are usage errors)."""
+    if args.arch_kwargs is None:
+        return
+    if not args.arch:
+        raise UsageError("--arch-kwargs needs --arch (the zoo architecture they are for)")
+    try:
+        validate_arch_kwargs(args.arch, args.arch_kwargs)
+    except ArchKwargsError as err:
+        raise UsageError(f"--arch-kwargs: {err}") from None
+
+
+def _store_target(args: argparse.Namespace) -> tuple[ModelStore, str] | None:
+    """The store and deployment named by ``--store`` / ``--deployment`` (both or neither)."""
+    if (args.store is None) != (args.deployment is None):
+        raise UsageError("--store and --deployment go together")
+    if args.store is None:
+        return None
+    return ModelStore(Path(args.store)), args.deployment
+
+
 def cmd_predeploy(args: argparse.Namespace) -> int:
+    _check_arch_kwargs(args)
+    target = _store_target(args)
     badnet, recipe, floor, attack = _load_badnet(args)
     if args.attack_spec:
-        attack = attack_from_dict(json.loads(Path(args.attack_spec).read_text()))
+        attack = _attack_arg(args.attack_spec)
     elif not args.evaluate_attack:
         attack = None
     cfg = PredeployConfig(
@@ -172,27 +327,47 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         source={"badnet": str(args.badnet), "recipe": recipe.to_dict()},
     )
     print((Path(args.out) / "report.md").read_text())
-    return 0 if outcome.result.goodnet is not None else EXIT_NO_GOODNET
+    if outcome.result.goodnet is None:
+        return EXIT_NO_GOODNET
+    if target is not None:
+        store, deployment = target
+        version = publish_deployment(outcome, store, deployment, activate=True)
+        print(f"published to store {store.root} as {deployment} {version} (active)")
+    return 0
+
+
+def _bundle_dir(path: str) -> Path:
+    """A bundle folder, or the output folder of ``nnoculation predeploy`` / ``repair``."""
+    base = Path(path)
+    if (base / DEPLOYMENT_DIR / MANIFEST_NAME).exists():
+        base = base / DEPLOYMENT_DIR
+    return base
 
 
 def _deployment(path: str) -> Bundle:
-    base = Path(path)
-    if (base / DEPLOYMENT_DIR / "manifest.json").exists():
-        base = base / DEPLOYMENT_DIR
-    return load_bundle(base)
+    return load_bundle(_bundle_dir(path))
 
 
-def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
-    source = bundle.manifest.provenance.get("source", {})
+def _manifest_recipe(manifest: Manifest, dataset: str | None) -> Recipe:
+    source = manifest.provenance.get("source", {})
     if "recipe" in source:
         return Recipe.from_dict(source["recipe"])
     return default_recipe(dataset or "fashion-mnist")
 
 
+def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
+    return _manifest_recipe(bundle.manifest, dataset)
+
+
 def _attack_arg(path: str | None) -> AttackSpec | None:
-    if path:
-        return attack_from_dict(json.loads(Path(path).read_text()))
-    return None
+    if not path:
+        return None
+    text = Path(path).read_text()
+    try:
+        return attack_from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise ValueError(f"{path} is not an attack spec (attack.json): {detail}") from None
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -222,39 +397,74 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_repair(args: argparse.Namespace) -> int:
-    bundle = _deployment(args.bundle)
+def _repair_config(args: argparse.Namespace) -> RepairConfig:
+    try:
+        return RepairConfig(
+            profile=args.profile,
+            domain_a_size=args.domain_a_size,
+            finetune_epochs=args.finetune_epochs,
+            finetune_lr=args.finetune_lr,
+            theta=args.theta,
+            seed=args.seed,
+            cyclegan_epochs=args.epochs,
+            cyclegan_lr=args.cyclegan_lr,
+            time_budget_s=args.time_budget,
+            checkpoint_dir=args.checkpoint_dir,
+            purify=PurifyConfig(enabled=not args.no_purify, min_share=args.purify_min_share),
+            affine_share=args.affine_share,
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
+            distill_min_trigger_effect=args.distill_min_trigger_effect,
+        )
+    except ValueError as err:  # RepairConfigError, or PurifyConfig's check
+        raise UsageError(str(err)) from None
+
+
+def _run_repair(args: argparse.Namespace, bundle: Bundle, cfg: RepairConfig) -> RepairOutcome:
+    """Repair ``bundle`` from ``--quarantine``; writes the report to ``--out`` when given."""
     quarantine = load_quarantine(args.quarantine, bundle.spec)
     attack = _attack_arg(args.attack_spec)
     test = load_splits(_bundle_recipe(bundle, None)).test if attack is not None else None
-    cfg = RepairConfig(
-        profile=args.profile,
-        domain_a_size=args.domain_a_size,
-        finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr,
-        theta=args.theta,
-        seed=args.seed,
-        cyclegan_epochs=args.epochs,
-        cyclegan_lr=args.cyclegan_lr,
-        time_budget_s=args.time_budget,
-        checkpoint_dir=args.checkpoint_dir,
-        purify=PurifyConfig(enabled=not args.no_purify, min_share=args.purify_min_share),
-        affine_share=args.affine_share,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-        distill_min_trigger_effect=args.distill_min_trigger_effect,
-    )
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = outcome.report()
-    (out / "repair_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "repair_samples.png").write_bytes(outcome.samples_png)
+    _report_repair(args, outcome)
+    return outcome
+
+
+def _report_repair(args: argparse.Namespace, outcome: RepairOutcome) -> None:
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "repair_report.json").write_text(json.dumps(outcome.report(), indent=2) + "\n")
+        (out / "repair_samples.png").write_bytes(outcome.samples_png)
     print(repair_summary(outcome))
     if not outcome.passed_gate:
         print(f"validation gate failed, nothing published: {outcome.reason}", file=sys.stderr)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    target = _store_target(args)
+    if target is None:
+        if not args.bundle or not args.out:
+            raise UsageError("repair needs --bundle and --out, or --store and --deployment")
+        if args.no_activate:
+            raise UsageError("--no-activate is for --store: a folder output is never active")
+    elif args.bundle:
+        raise UsageError(
+            "--bundle and --store exclude each other: --store repairs the active version"
+        )
+    cfg = _repair_config(args)
+    if target is not None:
+        return _repair_in_store(args, cfg, *target)
+    bundle = _deployment(args.bundle)
+    outcome = _run_repair(args, bundle, cfg)
+    if not outcome.passed_gate:
         return EXIT_GATE_FAILED
+    # A folder holds one standalone bundle and there is no store to allocate ids, so the id is
+    # a local label: the parent's number plus one. It cannot collide with a sibling because the
+    # folder has none; `nnoculation store import` gives the bundle a fresh id from the store
+    # (keeping this one in provenance), and `repair --store` never uses this rule.
     version = format_version(version_number(bundle.manifest.version) + 1)
+    out = Path(args.out)
     write_bundle_dir_with(
         out / DEPLOYMENT_DIR, lambda d: write_repaired_bundle(outcome, bundle, d, version)
     )
@@ -265,15 +475,102 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repair_in_store(
+    args: argparse.Namespace, cfg: RepairConfig, store: ModelStore, deployment: str
+) -> int:
+    """Repair the active version under the deployment's repair lock and publish the result as
+    a new version (id from the store, parent the repaired version), active unless
+    ``--no-activate``."""
+    attack = _attack_arg(args.attack_spec)
+    test = None
+    if attack is not None:  # evaluation only: the test pool of the recipe the versions share
+        active = store.active(deployment)
+        if active is not None:
+            test = load_splits(_manifest_recipe(store.manifest(deployment, active), None)).test
+    done = repair_in_store(
+        store,
+        deployment,
+        lambda bundle: load_quarantine(args.quarantine, bundle.spec),
+        cfg,
+        activate=not args.no_activate,
+        test=test,
+        attack=attack,
+    )
+    _report_repair(args, done.outcome)
+    if done.version is None:
+        return EXIT_GATE_FAILED
+    state = "active" if done.activated else "not activated"
+    print(
+        f"repaired deployment {deployment} {done.version} (parent {done.parent}) published, {state}"
+    )
+    return 0
+
+
+def _store(args: argparse.Namespace) -> ModelStore:
+    return ModelStore(Path(args.store))
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    store = _store(args)
+    version = store.import_bundle(
+        args.deployment, _bundle_dir(args.bundle_dir), activate=args.activate
+    )
+    state = "active" if args.activate else "not activated"
+    print(f"imported {args.bundle_dir} as {args.deployment} {version} ({state})")
+    return 0
+
+
+def cmd_store_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    versions = store.versions(args.deployment)
+    active = store.active(args.deployment)
+    if not versions:
+        print(f"deployment {args.deployment!r} has no versions")
+        return 0
+    print(f"  {'version':8s} {'parent':8s} created")
+    for version in versions:
+        try:
+            manifest = read_manifest(store.path(args.deployment, version))
+            parent, created = manifest.parent or "-", manifest.created
+        except ValueError as err:  # an unreadable manifest is listed, not fatal
+            parent, created = "?", f"unreadable manifest: {err}"
+        mark = "*" if version == active else " "
+        print(f"{mark} {version:8s} {parent:8s} {created}")
+    if active is None:
+        print("(no active version)")
+    return 0
+
+
+def cmd_store_activate(args: argparse.Namespace) -> int:
+    _store(args).activate(args.deployment, args.version)
+    print(f"{args.deployment}: {args.version} is active")
+    return 0
+
+
+def cmd_store_rollback(args: argparse.Namespace) -> int:
+    version = _store(args).rollback(args.deployment, args.version)
+    print(f"{args.deployment}: rolled back, {version} is active")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     registry = {"attacks": ATTACKS, "architectures": ARCHITECTURES, "datasets": DATASETS}[args.kind]
     print("\n".join(registry.names()))
     return 0
 
 
+def _add_store_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    p.add_argument("--store", required=required, help=" ".join(["model store root", what]).strip())
+    p.add_argument(
+        "--deployment", required=required, type=_deployment_name, help="deployment name in it"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnoculation", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, help="CPU threads (default: $NNOC_THREADS or all)")
+    parser = _Parser(prog="nnoculation", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=_positive_int, help="CPU threads (default: $NNOC_THREADS or all)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("attack", help="train a BadNet with an attack from the suite (evaluation)")
@@ -298,28 +595,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch-kwargs",
-        type=json.loads,
+        type=_json_object,
         help="JSON keyword arguments of the architecture, e.g. '{\"width\": 16}'",
     )
     p.add_argument("--mean", type=_floats, help="per-channel input mean of an imported net")
-    p.add_argument("--std", type=_floats, help="per-channel input std of an imported net")
+    p.add_argument("--std", type=_positive_floats, help="per-channel input std of an imported net")
     p.add_argument(
         "--validation-per-class",
-        type=int,
+        type=_positive_int,
         help="size of the validation set per class for imported BadNets (default: recipe, 500)",
     )
     p.add_argument(
         "--holdout-per-class",
-        type=int,
+        type=_positive_int,
         help="part of it held out to measure CA for the selection rule (default: recipe, 100)",
     )
-    p.add_argument("--theta", type=float, default=DEFAULT_THETA, help="allowed CA drop (fraction)")
-    p.add_argument("--alpha0", type=float, help="BadNet's original learning rate (default: recipe)")
+    p.add_argument(
+        "--theta", type=_theta, default=DEFAULT_THETA, help="allowed CA drop (fraction in (0, 1))"
+    )
+    p.add_argument(
+        "--alpha0", type=_positive_float, help="BadNet's original learning rate (default: recipe)"
+    )
     p.add_argument("--optimizer", choices=["adam", "sgd", "adadelta"], help="default: the BadNet's")
-    p.add_argument("--alpha-multiples", type=_floats, default=DEFAULT_ALPHA_MULTIPLES)
-    p.add_argument("--gammas", type=_floats, default=DEFAULT_GAMMAS)
-    p.add_argument("--epochs", type=int, default=PredeployConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=PredeployConfig.batch_size)
+    p.add_argument("--alpha-multiples", type=_positive_floats, default=DEFAULT_ALPHA_MULTIPLES)
+    p.add_argument(
+        "--gammas", type=_shares, default=DEFAULT_GAMMAS, help="noise fractions in [0, 1]"
+    )
+    p.add_argument("--epochs", type=_positive_int, default=PredeployConfig.epochs)
+    p.add_argument("--batch-size", type=_positive_int, default=PredeployConfig.batch_size)
     p.add_argument("--fresh-noise", action="store_true", help="redraw the noise every epoch")
     p.add_argument("--full-grid", action="store_true", help="train every cell (Figure 4 / Table 2)")
     p.add_argument("--attack-spec", help="attack.json to measure ASR with (evaluation only)")
@@ -328,32 +631,56 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure ASR with the attack recorded in the BadNet bundle",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True)
+    _add_store_args(
+        p, required=False, what="to also publish the deployment to (as a new, active version)"
+    )
     p.set_defaults(func=cmd_predeploy)
 
     p = sub.add_parser("stream", help="simulate deployment: fill the quarantine (sec. 3.3)")
     p.add_argument("--bundle", required=True, help="deployment bundle (or predeploy output dir)")
     p.add_argument("--attack-spec", help="attack.json: how the attacker poisons the stream")
-    p.add_argument("--poison-ratio", type=float, default=DEFAULT_POISON_RATIO)
-    p.add_argument("--n", type=int, default=DEFAULT_QUARANTINE_SIZE, help="quarantine size N")
+    p.add_argument(
+        "--poison-ratio", type=_share, default=DEFAULT_POISON_RATIO, help="fraction in [0, 1]"
+    )
+    p.add_argument(
+        "--n", type=_positive_int, default=DEFAULT_QUARANTINE_SIZE, help="quarantine size N"
+    )
     p.add_argument("--triggers", help="comma-separated trigger names in use (default: all)")
     p.add_argument("--dataset", help="stream pool data set when the bundle records no recipe")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", required=True, help="quarantine .npz to write")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("repair", help="post-deployment repair from a quarantine (sec. 3.3)")
-    p.add_argument("--bundle", required=True, help="deployment bundle (or predeploy output dir)")
+    p.add_argument("--bundle", help="deployment bundle (or predeploy output dir); not with --store")
     p.add_argument("--quarantine", required=True, help=".npz or folder of quarantined images")
+    _add_store_args(
+        p,
+        required=False,
+        what="whose active version to repair (instead of --bundle); the repaired deployment is "
+        "published there as a new version",
+    )
+    p.add_argument(
+        "--no-activate",
+        action="store_true",
+        help="with --store: publish the repaired version without activating it",
+    )
     p.add_argument("--profile", default=RepairConfig.profile, choices=repair_profiles())
-    p.add_argument("--epochs", type=int, help="CycleGAN epochs (default: the profile's)")
-    p.add_argument("--cyclegan-lr", type=float, help="CycleGAN learning rate (default: profile's)")
-    p.add_argument("--finetune-epochs", type=int, default=RepairConfig.finetune_epochs)
-    p.add_argument("--finetune-lr", type=float, help="default: the BadNet's original lr")
-    p.add_argument("--domain-a-size", type=int, default=RepairConfig.domain_a_size)
-    p.add_argument("--theta", type=float, help="gate tolerance (default: the deployment's)")
-    p.add_argument("--time-budget", type=float, help="CycleGAN wall-time budget in seconds")
+    p.add_argument("--epochs", type=_positive_int, help="CycleGAN epochs (default: the profile's)")
+    p.add_argument(
+        "--cyclegan-lr", type=_positive_float, help="CycleGAN learning rate (default: profile's)"
+    )
+    p.add_argument("--finetune-epochs", type=_positive_int, default=RepairConfig.finetune_epochs)
+    p.add_argument("--finetune-lr", type=_positive_float, help="default: the BadNet's original lr")
+    p.add_argument("--domain-a-size", type=_positive_int, default=RepairConfig.domain_a_size)
+    p.add_argument(
+        "--theta", type=_theta, help="gate tolerance in (0, 1) (default: the deployment's)"
+    )
+    p.add_argument(
+        "--time-budget", type=_positive_float, help="CycleGAN wall-time budget in seconds"
+    )
     p.add_argument("--checkpoint-dir", help="CycleGAN checkpoints; an interrupted run resumes")
     p.add_argument(
         "--no-purify",
@@ -363,27 +690,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--affine-share",
-        type=float,
+        type=_share,
         default=RepairConfig.affine_share,
         help="share of treatment images taken from the per-pixel affine fit of the trigger "
         "model (0: all G(x), as in the paper)",
     )
     p.add_argument(
         "--distill-weight",
-        type=float,
+        type=_share,
         default=RepairConfig.distill_weight,
         help="weight of the BadNet's soft answers in the GoodNet's loss on clean validation "
         "images (0: labels alone, as in the paper)",
     )
     p.add_argument(
         "--distill-temperature",
-        type=float,
+        type=_positive_float,
         default=RepairConfig.distill_temperature,
         help="softens the BadNet's answers before the GoodNet learns them",
     )
     p.add_argument(
         "--distill-min-trigger-effect",
-        type=float,
+        type=_number_type(float, -1.0, 1.0),
         default=RepairConfig.distill_min_trigger_effect,
         help="distil only when the BadNet errs on this much more of the treatment images than "
         "of clean ones (a trigger model that misses the trigger would let distillation "
@@ -391,14 +718,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--purify-min-share",
-        type=float,
+        type=_number_type(float, 0.0, 1.0, low_open=True),
         default=PurifyConfig.min_share,
         help="share of the quarantine at which a BadNet label is taken for a target",
     )
     p.add_argument("--attack-spec", help="attack.json to measure ASR before/after (evaluation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--out", help="output folder (required without --store)")
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("store", help="versions of a deployment in a model store")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    q = store_sub.add_parser("import", help="copy a bundle into the store as a new version")
+    _add_store_args(q, required=True, what="")
+    q.add_argument("bundle_dir", help="bundle folder (or predeploy / repair output folder)")
+    q.add_argument("--activate", action="store_true", help="make the new version active")
+    q.set_defaults(func=cmd_store_import)
+    q = store_sub.add_parser("list", help="versions, oldest first; * marks the active one")
+    _add_store_args(q, required=True, what="")
+    q.set_defaults(func=cmd_store_list)
+    q = store_sub.add_parser("activate", help="make a version active (after verifying it)")
+    _add_store_args(q, required=True, what="")
+    q.add_argument("version", type=_version_id)
+    q.set_defaults(func=cmd_store_activate)
+    q = store_sub.add_parser(
+        "rollback", help="activate VERSION, or else the active version's parent"
+    )
+    _add_store_args(q, required=True, what="")
+    q.add_argument("version", nargs="?", type=_version_id)
+    q.set_defaults(func=cmd_store_rollback)
 
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
     p.add_argument("kind", choices=["attacks", "architectures", "datasets"])
@@ -406,23 +754,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: object, code: int, prefix: str = "error") -> int:
+    """Print ``message`` as one line on stderr (a multi-line one, such as a validation
+    report, is joined) and return ``code``."""
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"{prefix}: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    configure_threads(args.threads)
     try:
+        args = build_parser().parse_args(argv)
+        configure_threads(args.threads)
         return int(args.func(args))
-    except UsageError as err:
-        print(f"usage error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, ValueError, KeyError) as err:
+    except (UsageError, ThreadsConfigError, RepairConfigError) as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _error(err, EXIT_USAGE, "usage error")
+    except RepairLockedError as err:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _error(err, EXIT_BUSY)
+    except (OSError, ValueError, KeyError, StoreError) as err:
         # Unusable inputs surface as these: missing data or files (DataNotFoundError is an
         # OSError), refused or mismatched models (UnsafeModelError, BundleIntegrityError and
-        # shape errors are ValueErrors), bad quarantines, configs or trigger names.
+        # shape errors are ValueErrors), bad quarantines, configs or trigger names, unknown
+        # store deployments or versions (KeyErrors).
         if os.environ.get(DEBUG_ENV):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _error(message, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted; nothing partial was published", file=sys.stderr)
         return 130

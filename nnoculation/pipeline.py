@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.nets import Net
+from models.store import ModelStore
 from nnoculation.bundle_io import write_bundle_dir
 from nnoculation.data.splits import Splits
 from nnoculation.predeploy import PredeployConfig, PredeployResult, run_predeploy
@@ -154,3 +155,15 @@ def predeploy_to_dir(
             extra_files=files,
         )
     return PredeployOutcome(result, report, out_dir)
+
+
+def publish_deployment(
+    outcome: PredeployOutcome, store: ModelStore, deployment: str, *, activate: bool = True
+) -> str | None:
+    """Publish the deployment bundle that :func:`predeploy_to_dir` wrote into ``store`` as a
+    new version of ``deployment`` (checksums verified, id allocated by the store, no parent),
+    active unless ``activate`` is False. Returns the version id, or None when the search found
+    no GoodNet (no bundle was written, nothing is published)."""
+    if outcome.result.goodnet is None:
+        return None
+    return store.import_bundle(deployment, outcome.out_dir / DEPLOYMENT_DIR, activate=activate)

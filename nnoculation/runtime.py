@@ -12,12 +12,33 @@ import torch
 THREADS_ENV = "NNOC_THREADS"
 
 
+class ThreadsConfigError(ValueError):
+    """``$NNOC_THREADS`` (or a thread count passed in) is not a positive integer."""
+
+
 def configure_threads(threads: int | None = None) -> int:
-    """Use ``threads`` intra-op threads (default: ``$NNOC_THREADS`` or every core we may use)."""
+    """Use ``threads`` intra-op threads (default: ``$NNOC_THREADS`` or every core we may use).
+
+    Raises :class:`ThreadsConfigError` for a count below 1 or an ``$NNOC_THREADS`` that is not
+    a positive integer, instead of guessing what was meant.
+    """
     if threads is None:
-        env = os.environ.get(THREADS_ENV)
-        threads = int(env) if env else len(os.sched_getaffinity(0))
-    threads = max(1, threads)
+        env = os.environ.get(THREADS_ENV, "").strip()
+        if env:
+            try:
+                threads = int(env)
+            except ValueError:
+                raise ThreadsConfigError(
+                    f"{THREADS_ENV} must be a positive integer (CPU threads), got {env!r}"
+                ) from None
+            source = THREADS_ENV
+        else:
+            threads = len(os.sched_getaffinity(0))
+            source = "the CPU affinity"
+    else:
+        source = "threads"
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ThreadsConfigError(f"{source} must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
 

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import load_bundle, verify_bundle
+from models.bundle import Manifest, load_bundle, verify_bundle, write_bundle
+from models.classifiers import build_classifier
 from models.nets import Net
-from nnoculation.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, main
+from models.spec import InputSpec
+from models.store import ModelStore
+from nnoculation.cli import EXIT_BAD_INPUT, EXIT_BUSY, EXIT_GATE_FAILED, main
 from nnoculation.metrics import evaluate
 from nnoculation.repair.engine import (
     TRIGGER_MODEL_GROUP,
@@ -176,3 +179,50 @@ def test_killed_repair_resumes_from_its_checkpoint(tiny_net: Net, tmp_path: Path
     assert resumed is not None and 1 <= resumed < 12
     assert report["trigger_model"]["epochs_done"] == 12
     verify_bundle(tmp_path / "out" / "bundle")
+
+
+def test_repair_in_a_store_publishes_a_child_of_the_active_version(
+    tiny_net: Net, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path, attack, _ = make_deployment(tiny_net, tmp_path)
+    q = tmp_path / "q.npz"
+    _quarantine(attack, q)
+    store = ModelStore(tmp_path / "store")
+    store.publish("digits", lambda d, v: write(d, v), None)  # an unrelated first version
+    assert store.import_bundle("digits", path, activate=True) == "v0002"
+    target = ["--store", str(store.root), "--deployment", "digits"]
+    argv = ["repair", *target, "--quarantine", str(q), "--profile", MEAN_DIFF,
+            "--finetune-epochs", "2", "--theta", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    assert "digits v0003 (parent v0002) published, active" in capsys.readouterr().out
+    assert store.active("digits") == "v0003"
+    child = store.load("digits")
+    assert child.manifest.parent == "v0002"
+    assert child.manifest.provenance["repairs"][-1]["parent"] == "v0002"
+    out = tmp_path / "out"
+    assert main([*argv, "--no-activate", "--out", str(out)]) == 0
+    assert store.versions("digits")[-1] == "v0004" and store.active("digits") == "v0003"
+    assert store.manifest("digits", "v0004").parent == "v0003"  # the active one was repaired
+    assert (out / "repair_report.json").exists() and not (out / "bundle").exists()
+    with store.repair_lock("digits"):
+        assert main(argv) == EXIT_BUSY
+    assert "already running" in capsys.readouterr().err
+    gated = [*argv[:-2], "--finetune-lr", "5.0", "--theta", "0.02"]
+    assert main(gated) == EXIT_GATE_FAILED
+    assert store.versions("digits") == ["v0001", "v0002", "v0003", "v0004"]
+    assert store.active("digits") == "v0003"
+    (tmp_path / "store" / "digits" / "ACTIVE").unlink()
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "no active version to repair" in capsys.readouterr().err
+
+
+def write(directory: Path, version: str) -> Manifest:
+    """A minimal bundle that is no deployment (one net, no validation set)."""
+    net = Net(
+        build_classifier("small_cnn", InputSpec(1, 12, 12), 4, width=2), "zoo",
+        InputSpec(1, 12, 12), 4, "small_cnn", {"width": 2},
+    )  # fmt: skip
+    return write_bundle(
+        directory, name="other", version=version, parent=None, spec=net.spec,
+        class_names=["a", "b", "c", "d"], nets={"badnet": net},
+    )  # fmt: skip

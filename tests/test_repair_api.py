@@ -12,6 +12,7 @@ import torch
 
 from models.bundle import load_bundle
 from models.nets import Net
+from models.store import ModelStore, RepairLockedError
 from nnoculation.repair.cyclegan import CHECKPOINT_FILE
 from nnoculation.repair.engine import (
     STAGES,
@@ -20,6 +21,7 @@ from nnoculation.repair.engine import (
     RepairConfigError,
     RepairProgress,
     repair,
+    repair_in_store,
 )
 from nnoculation.repair.purify import PurifyConfig
 from nnoculation.repair.reverse import MEAN_DIFF
@@ -175,3 +177,30 @@ def test_cancel_between_stages_and_during_finetune(deployment: tuple[Path, torch
         "finetune_badnet",
         "finetune_goodnet",
     ]
+
+
+def test_repair_in_store_locks_publishes_and_passes_callbacks(
+    deployment: tuple[Path, torch.Tensor], tmp_path: Path
+) -> None:
+    path, quarantine = deployment
+    store = ModelStore(tmp_path / "store")
+    store.import_bundle("d", path, activate=True)
+    seen: list[RepairProgress] = []
+    cfg = RepairConfig(profile=MEAN_DIFF, finetune_epochs=1, theta=0.5)
+    done = repair_in_store(store, "d", quarantine, cfg, on_progress=seen.append, device="cpu")
+    assert (done.parent, done.version, done.activated) == ("v0001", "v0002", True)
+    assert store.active("d") == "v0002" and store.manifest("d", "v0002").parent == "v0001"
+    assert seen[-1].stage == "done"
+    pinned = repair_in_store(store, "d", lambda b: quarantine, cfg, version="v0001",
+                             activate=False)  # fmt: skip
+    assert (pinned.parent, pinned.version, pinned.activated) == ("v0001", "v0003", False)
+    assert store.active("d") == "v0002"
+    failing = RepairConfig(profile=MEAN_DIFF, finetune_epochs=1, finetune_lr=5.0, theta=0.02)
+    gated = repair_in_store(store, "d", quarantine, failing)
+    assert gated.version is None and not gated.outcome.passed_gate
+    assert store.versions("d") == ["v0001", "v0002", "v0003"]
+    with store.repair_lock("d"), pytest.raises(RepairLockedError):
+        repair_in_store(store, "d", quarantine, cfg)
+    with pytest.raises(RepairCancelled):
+        repair_in_store(store, "d", quarantine, cfg, should_cancel=lambda: True)
+    assert store.versions("d") == ["v0001", "v0002", "v0003"]

@@ -49,6 +49,7 @@ from torchvision.utils import make_grid
 from models.bundle import Bundle, Manifest, write_bundle
 from models.cyclegan import CYCLEGAN_PROFILES
 from models.nets import Net
+from models.store import ModelStore, UnknownVersionError
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
@@ -597,6 +598,58 @@ def write_repaired_bundle(
             "repair_samples.png": outcome.samples_png,
         },
     )
+
+
+@dataclass
+class StoreRepair:
+    """What :func:`repair_in_store` did: the repair's outcome, the version repaired and the
+    version published (None when the gate failed and nothing was published)."""
+
+    outcome: RepairOutcome
+    parent: str
+    version: str | None
+    activated: bool
+
+
+def repair_in_store(
+    store: ModelStore,
+    deployment: str,
+    quarantine: torch.Tensor | Callable[[Bundle], torch.Tensor],
+    cfg: RepairConfig,
+    *,
+    version: str | None = None,
+    activate: bool = True,
+    wait_for_lock: bool = False,
+    **repair_kwargs: Any,
+) -> StoreRepair:
+    """Repair a version of ``deployment`` (the active one by default) and publish the result.
+
+    Holds the deployment's repair lock throughout (``RepairLockedError`` at once if another
+    process holds it, unless ``wait_for_lock``). ``quarantine`` is the uint8 tensor, or a
+    function that makes it from the bundle being repaired (e.g. to read a file with its input
+    spec). A repair that passes the gate is published with :meth:`ModelStore.publish`: a new
+    version id allocated by the store, parent the repaired version, activated unless
+    ``activate`` is False; one that fails it publishes nothing. ``repair_kwargs`` go to
+    :func:`repair` (``on_progress``, ``should_cancel``, ``device``, ``test``, ...).
+    """
+    with store.repair_lock(deployment, blocking=wait_for_lock):
+        parent = version if version is not None else store.active(deployment)
+        if parent is None:
+            raise UnknownVersionError(
+                f"deployment {deployment!r} has no active version to repair; activate one first"
+            )
+        bundle = store.load(deployment, parent)
+        images = quarantine(bundle) if callable(quarantine) else quarantine
+        outcome = repair(bundle, images, cfg, **repair_kwargs)
+        if not outcome.passed_gate:
+            return StoreRepair(outcome, parent, None, False)
+        published = store.publish(
+            deployment,
+            lambda directory, new: write_repaired_bundle(outcome, bundle, directory, new),
+            parent,
+            activate=activate,
+        )
+    return StoreRepair(outcome, parent, published, activate)
 
 
 def _purify_line(purified: Purified, size: int) -> str:
