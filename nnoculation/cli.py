@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -751,7 +752,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
     p.add_argument("kind", choices=["attacks", "architectures", "datasets"])
     p.set_defaults(func=cmd_list)
+    _add_plugin_commands(sub)
     return parser
+
+
+COMMANDS_GROUP = "nnoculation.commands"
+
+
+def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Subcommands registered by the packages above the library (``serve`` by ``service``,
+    ``worker`` by ``worker``) through entry points, so this module never imports them."""
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError as err:  # e.g. a library-only install without the service's deps
+            print(f"warning: command {entry.name!r} unavailable: {err}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def _error(message: object, code: int, prefix: str = "error") -> int:

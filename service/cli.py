@@ -1,6 +1,9 @@
 """``nnoculation serve`` (registered through the ``nnoculation.commands`` entry point, so the
 library's CLI never imports this package): validates the settings, prepares the metrics
-folder shared by the uvicorn workers, and runs uvicorn with the app factory."""
+folder shared by the uvicorn workers, and replaces itself with uvicorn running the app
+factory. The exec keeps the supervisor light: uvicorn spawns its workers by re-importing the
+parent's main module, which would otherwise be the whole library CLI (torch included), and a
+worker that takes longer than the health-check timeout to start is killed and restarted."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import os
 import sys
 
 from pydantic import ValidationError
+
+WORKER_HEALTHCHECK_S = 60
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -36,16 +41,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nnoculation.online.metrics_dir import prepare_metrics_dir
 
     prepare_metrics_dir("nnoc-api-metrics-")
-    import uvicorn
-
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=settings.workers,
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
-    return 0
+    argv = [
+        sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
+        "--host", args.host, "--port", str(args.port), "--workers", str(settings.workers),
+        "--log-level", args.log_level, "--no-access-log", "--timeout-graceful-shutdown", "10",
+        # Loading torch and the deployment takes seconds on a busy machine.
+        "--timeout-worker-healthcheck", str(WORKER_HEALTHCHECK_S),
+    ]  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached

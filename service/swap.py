@@ -183,10 +183,12 @@ class Swapper:
                         "announcement: %s %s from %s", event.type, event.version, event.source
                     )
                     loop.call_soon_threadsafe(self.kick)
-            except (redis.RedisError, OSError):
-                time.sleep(RESUBSCRIBE_DELAY_S)
             except RuntimeError:  # the event loop closed: the process is stopping
                 return
+            except Exception as err:  # Redis away (or closing): subscribe again shortly
+                if not self._stopping.is_set():
+                    logger.debug("announcement listener: %s", err)
+                    time.sleep(RESUBSCRIBE_DELAY_S)
             finally:
                 with contextlib.suppress(Exception):
                     pubsub.close()

@@ -229,7 +229,7 @@ class ApiServer(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "service", "--port", str(self.port),
+            [sys.executable, "-m", "nnoculation.cli", "serve", "--port", str(self.port),
              "--workers", str(workers), "--log-level", "warning"],
             env, log,
         )  # fmt: skip
@@ -253,7 +253,7 @@ class WorkerProcess(Process):
     """``nnoculation worker``."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        super().__init__([sys.executable, "-m", "worker"], env, log)
+        super().__init__([sys.executable, "-m", "nnoculation.cli", "worker"], env, log)
 
 
 @contextmanager

@@ -114,7 +114,8 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
             time.sleep(1.0)  # traffic on the new version
         finally:
             traffic.stop.set()
-            traffic.join(10)
+            if traffic.is_alive():
+                traffic.join(10)
             api.stop()
             worker.stop()
 

@@ -4,22 +4,21 @@ from its claimed quarantine and publishes the result.
 Steps, each safe to re-run after a crash at any point:
 
 1. the record must be in flight and carry this ``attempt`` (else a newer attempt owns it);
-2. the store's per-deployment repair lock is taken (two jobs never repair at once);
-3. the version's pending quarantine is *claimed* (a retried attempt finds the same claim);
-4. the library's repair engine runs (the same code path as ``nnoculation repair``): progress
+2. the version's pending quarantine is *claimed* (a retried attempt finds the same claim);
+3. the library's repair engine runs through its store path (the same as ``nnoculation repair
+   --store``, which holds the store's repair lock, so two jobs never repair at once): progress
    goes to the record and the job's meta every epoch, a heartbeat thread proves the job alive,
    a cancellation request stops it at the next epoch, and the CycleGAN checkpoints every epoch
    into the work dir, so a retry resumes where the killed attempt stopped;
-5. the gate's verdict: a refused repair archives its claim and records why (the active version
+4. the gate's verdict: a refused repair archives its claim and records why (the active version
    is untouched); a passed one is published atomically as a new store version (its id from the
    store), recorded at once (a retry after this point does not publish twice), activated if the
    repaired version is still the active one, and announced to every API process;
-6. the claim is archived under the repair's id and the record closed.
+5. the claim is archived under the repair's id and the record closed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -51,15 +50,12 @@ from nnoculation.repair.engine import (
     RepairCancelled,
     RepairOutcome,
     RepairProgress,
-    repair,
-    write_repaired_bundle,
+    repair_in_store,
 )
 from worker import metrics
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
-
-LOCK_WAIT_S = 60.0
 
 
 @dataclass
@@ -126,16 +122,14 @@ def execute(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
     skipped = _stale(ctx, repair_id, attempt)
     if skipped:
         return {"repair_id": repair_id, "skipped": skipped}
-    with contextlib.ExitStack() as stack:
-        if not _take_lock(ctx, stack):
-            return {"repair_id": repair_id, "skipped": "another process holds the repair lock"}
-        skipped = _stale(ctx, repair_id, attempt)  # re-read: the wait may have taken a while
-        if skipped:
-            return {"repair_id": repair_id, "skipped": skipped}
-        stack.enter_context(Heartbeat(ctx.repairs, repair_id, ctx.settings.heartbeat_ttl_s))
-        started = time.perf_counter()
+    started = time.perf_counter()
+    with Heartbeat(ctx.repairs, repair_id, ctx.settings.heartbeat_ttl_s):
         try:
             result = _attempt(ctx, repair_id, attempt)
+        except RepairLockedError:
+            # Another attempt of this repair is running (its heartbeat keeps it alive); this
+            # one leaves the record alone.
+            return {"repair_id": repair_id, "skipped": "another process holds the repair lock"}
         except RepairCancelled:
             ctx.quarantine.release(repair_id)
             ctx.repairs.finish(
@@ -152,9 +146,8 @@ def execute(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
             )  # fmt: skip
             metrics.finished(FAILED, time.perf_counter() - started)
             raise
-        metrics.finished(str(result.get("status", "skipped")), time.perf_counter() - started)
-    if result.get("status") in TERMINAL:
-        shutil.rmtree(ctx.settings.checkpoint_dir(repair_id), ignore_errors=True)
+    metrics.finished(str(result["status"]), time.perf_counter() - started)
+    shutil.rmtree(ctx.settings.checkpoint_dir(repair_id), ignore_errors=True)
     return result
 
 
@@ -166,19 +159,6 @@ def _stale(ctx: Context, repair_id: str, attempt: int) -> str | None:
     if int(record["attempt"]) != attempt:
         return f"attempt {attempt} is stale (the record is at attempt {record['attempt']})"
     return None
-
-
-def _take_lock(ctx: Context, stack: contextlib.ExitStack) -> bool:
-    """The store's repair lock of the deployment, waiting up to ``LOCK_WAIT_S``."""
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            stack.enter_context(ctx.store.repair_lock(ctx.settings.deployment))
-            return True
-        except RepairLockedError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1.0)
 
 
 def _progress(ctx: Context, repair_id: str) -> Any:
@@ -206,42 +186,37 @@ def _cancel_check(ctx: Context, repair_id: str) -> Any:
 def _attempt(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
     record = ctx.repairs.get(repair_id)
     assert record is not None
-    deployment, parent = ctx.settings.deployment, str(record["version"])
+    parent = str(record["version"])
     if record["status"] == CANCEL_REQUESTED:
         raise RepairCancelled("cancelled before it started")
     ctx.repairs.update(repair_id, status=RUNNING, stage="claim", worker=socket.gethostname())
     published = record.get("result_version")
-    if not published:
-        claimed = ctx.quarantine.claim(parent, repair_id)
-        if claimed <= 0:
+    if not published:  # (a retry after the publish only activates and closes)
+        if ctx.quarantine.claim(parent, repair_id) <= 0:
             raise ValueError(f"no quarantined inputs of {parent} to repair from")
         images = ctx.quarantine.claimed_images(repair_id)
         ctx.repairs.update(repair_id, entries=int(images.shape[0]))
-        bundle = ctx.store.load(deployment, parent)
-        cfg = ctx.settings.repair_config(ctx.settings.checkpoint_dir(repair_id))
-        outcome = repair(
-            bundle,
+        # The library's store path, as `nnoculation repair --store` runs it: the repair lock,
+        # the engine, the gate, and a publish whose version id the store allocates.
+        done = repair_in_store(
+            ctx.store,
+            ctx.settings.deployment,
             images,
-            cfg,
+            ctx.settings.repair_config(ctx.settings.checkpoint_dir(repair_id)),
+            version=parent,
+            activate=False,
             progress=False,
             on_progress=_progress(ctx, repair_id),
             should_cancel=_cancel_check(ctx, repair_id),
             device=resolve_device(ctx.settings.device),
         )
-        report = _summary(outcome)
-        if not outcome.passed_gate:
+        report = _summary(done.outcome)
+        if done.version is None:
             ctx.quarantine.archive(repair_id)
-            ctx.repairs.finish(repair_id, GATED, reason=outcome.reason, **report)
-            logger.warning("repair %s refused by the gate: %s", repair_id, outcome.reason)
-            return {"repair_id": repair_id, "status": GATED, "reason": outcome.reason}
-        current = ctx.repairs.get(repair_id)
-        if current is None or int(current["attempt"]) != attempt:
-            return {"repair_id": repair_id, "skipped": "a newer attempt took over"}
-        published = ctx.store.publish(
-            deployment,
-            lambda directory, version: write_repaired_bundle(outcome, bundle, directory, version),
-            parent=parent,
-        )
+            ctx.repairs.finish(repair_id, GATED, reason=done.outcome.reason, **report)
+            logger.warning("repair %s refused by the gate: %s", repair_id, done.outcome.reason)
+            return {"repair_id": repair_id, "status": GATED, "reason": done.outcome.reason}
+        published = done.version
         ctx.repairs.update(repair_id, result_version=published, stage="publish", **report)
     activated = _activate(ctx, repair_id, parent, str(published))
     ctx.quarantine.archive(repair_id)
