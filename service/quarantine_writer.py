@@ -10,6 +10,7 @@ for this; agreeing inputs never touch Redis on the request path.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -46,12 +47,16 @@ class QuarantineWriter:
         self._full_logged = False
 
     def write(self, entry: QuarantineEntry) -> str:
-        """Store ``entry`` (Redis, else the spool); returns what happened to it."""
+        """Store ``entry`` (Redis, else the spool); returns what happened to it.
+
+        The write carries an event id, and so does its spool record: if Redis applied the write
+        but died before answering, the replay is recognised and not counted again."""
+        event_id = uuid.uuid4().hex[:16]
         try:
-            result = self.quarantine.add(entry)
+            result = self.quarantine.add(entry, event_id=event_id)
         except redis.RedisError as err:
             self.metrics.redis_errors.labels(operation="quarantine").inc()
-            self.spool.append(entry.to_record())
+            self.spool.append({**entry.to_record(), "event_id": event_id})
             self.metrics.quarantine_writes.labels(result=SPOOLED).inc()
             logger.warning(
                 "Redis unreachable (%s); quarantine entry %s spooled",

@@ -33,41 +33,49 @@ import torch
 
 from nnoculation.online.keys import Keys
 
-EVENT_MARK_TTL_S = 7 * 24 * 3600  # how long a replayed spool event is remembered
+EVENT_MEMORY = 16  # write ids remembered per item, to apply a replayed write once
 
 ADDED = "added"
 DUPLICATE = "duplicate"
 FULL = "full"
 REPLAYED = "replayed"
 
+# An event id makes a write idempotent: each item remembers the ids of its last
+# EVENT_MEMORY writes, so a write whose answer was lost (Redis died after applying it) and that
+# is replayed from the spool is not counted twice.
 _ADD = """
 local base, sha, version, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local cap, event = tonumber(ARGV[5]), ARGV[6]
-if event ~= '' then
-  if not redis.call('SET', base..':q:event:'..event, '1', 'NX', 'EX', ARGV[13]) then
-    return {'replayed', redis.call('ZCARD', base..':q:pending:'..version)}
-  end
-end
-redis.call('INCR', base..':q:events')
+local cap, event, memory = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[13])
+local pending = base..':q:pending:'..version
 local item = base..':q:item:'..sha
 if redis.call('EXISTS', item) == 1 then
+  local events = redis.call('HGET', item, 'events') or ''
+  if event ~= '' and string.find(','..events..',', ','..event..',', 1, true) then
+    return {'replayed', redis.call('ZCARD', pending)}
+  end
+  redis.call('INCR', base..':q:events')
   redis.call('HINCRBY', item, 'count', 1)
-  redis.call('HSET', item, 'last_seen', now)
-  return {'duplicate', redis.call('ZCARD', base..':q:pending:'..version)}
+  local kept = {}
+  for id in string.gmatch(events, '[^,]+') do table.insert(kept, id) end
+  table.insert(kept, event)
+  while #kept > memory do table.remove(kept, 1) end
+  redis.call('HSET', item, 'last_seen', now, 'events', table.concat(kept, ','))
+  return {'duplicate', redis.call('ZCARD', pending)}
 end
+redis.call('INCR', base..':q:events')
 local size = tonumber(redis.call('GET', base..':q:size') or '0')
 if size >= cap then
   redis.call('INCR', base..':q:overflow')
-  return {'full', redis.call('ZCARD', base..':q:pending:'..version)}
+  return {'full', redis.call('ZCARD', pending)}
 end
 redis.call('HSET', item, 'image', ARGV[7], 'shape', ARGV[8], 'badnet_label', ARGV[9],
   'goodnet_label', ARGV[10], 'version', version, 'first_seen', ARGV[11], 'last_seen', now,
-  'count', ARGV[12])
-redis.call('ZADD', base..':q:pending:'..version, ARGV[11], sha)
+  'count', ARGV[12], 'events', event)
+redis.call('ZADD', pending, ARGV[11], sha)
 redis.call('SADD', base..':q:versions', version)
 redis.call('HINCRBY', base..':q:labels:'..version, ARGV[9], 1)
 redis.call('INCR', base..':q:size')
-return {'added', redis.call('ZCARD', base..':q:pending:'..version)}
+return {'added', redis.call('ZCARD', pending)}
 """
 
 # Claim a version's pending entries for a repair; idempotent (a retried job finds its claim).
@@ -231,8 +239,10 @@ class Quarantine:
         self._release = client.register_script(_RELEASE)
 
     def add(self, entry: QuarantineEntry, event_id: str = "", count: int = 1) -> AddResult:
-        """Store ``entry`` (or count a duplicate). ``event_id`` makes a replay idempotent: the
-        same event is applied once however often it is sent."""
+        """Store ``entry`` (or count a duplicate). ``event_id`` (letters and digits) makes the
+        write idempotent: sent again, as a spool replay does, it is applied once."""
+        if "," in event_id:
+            raise ValueError("event ids must not contain ','")
         status, pending = self._add(
             args=[
                 self.keys.base,
@@ -247,7 +257,7 @@ class Quarantine:
                 entry.goodnet_label,
                 repr(entry.time),
                 count,
-                EVENT_MARK_TTL_S,
+                EVENT_MEMORY,
             ]
         )
         return AddResult(status.decode(), int(pending))
