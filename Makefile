@@ -10,8 +10,9 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
-.PHONY: setup data demo test test-fast lint results-attacks results-predeploy results-repair \
-	results-sequential results-repair-lr results-cyclegan-speed results clean
+.PHONY: setup data redis demo demo-predeploy test test-fast lint results-attacks results-predeploy \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving \
+	results clean
 
 setup: $(STAMP)
 
@@ -28,8 +29,18 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; \
 	fi
 
-# The main job: make a patch BadNet on Fashion-MNIST, run the pre-deployment defense, print the report.
-demo: setup data
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y -q redis-server || (apt-get update -q && apt-get install -y -q redis-server)); \
+	  else echo "redis-server missing: run 'sudo apt-get install redis-server'"; exit 1; fi; }
+
+# The main job: the online scenario (API + worker + Redis as real processes, a poisoned stream
+# over HTTP, the repair at N = 200 and the swap under traffic); writes docs/results/demo.{json,md}.
+demo: setup data redis
+	$(PY) -m nnoculation.benchmarks.online_demo --out docs/results
+
+# The offline pre-deployment defense alone: a patch BadNet, the grid search, the report.
+demo-predeploy: setup data
 	$(VENV)/bin/nnoculation attack --dataset fashion-mnist --attack patch --out $(OUT)
 	$(VENV)/bin/nnoculation predeploy --badnet $(OUT) --evaluate-attack --out $(OUT)/predeploy
 
@@ -63,6 +74,12 @@ results-repair-lr: setup data
 
 results-cyclegan-speed: setup
 	$(PY) -m nnoculation.benchmarks.cyclegan_speed --out docs/results
+
+# Serving throughput / latency over HTTP, ours against LitServe, with wrk as load generator.
+results-serving: setup data redis
+	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
+	$(PY) -m nnoculation.benchmarks.serving --out docs/results
 
 results: results-attacks results-predeploy results-repair results-sequential results-repair-lr \
 	results-cyclegan-speed

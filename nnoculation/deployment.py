@@ -65,24 +65,15 @@ class LoadedDeployment:
         self.deployment = deployment
         self.bundle = bundle
         self.device = device
+        self.spec: InputSpec = bundle.spec  # read once: the manifest rebuilds it on each access
+        self.class_names: list[str] = bundle.class_names
+        self.version: str = bundle.manifest.version
         self.badnet = badnet.to(device).train_mode(False)
         self.goodnet = goodnet.to(device).train_mode(False)
 
     @property
-    def version(self) -> str:
-        return self.manifest.version
-
-    @property
     def manifest(self) -> Manifest:
         return self.bundle.manifest
-
-    @property
-    def spec(self) -> InputSpec:
-        return self.bundle.spec
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.bundle.class_names
 
     def _logits(self, net: Net, x: torch.Tensor) -> torch.Tensor:
         return net.module(x).float().cpu()

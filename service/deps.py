@@ -13,7 +13,9 @@ from service.runtime import Runtime
 bearer = HTTPBearer(auto_error=False, description="NNOC_ADMIN_TOKEN")
 
 
-def runtime(request: Request) -> Runtime:
+async def runtime(request: Request) -> Runtime:
+    # async (as every dependency here): FastAPI runs a plain def in its thread pool, a thread
+    # hop per request that cost a third of the API's throughput in a profile.
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
@@ -30,7 +32,7 @@ def _token_ok(rt: Runtime, credentials: HTTPAuthorizationCredentials | None) -> 
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 
 
-def require_admin(
+async def require_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     rt: RuntimeDep,
 ) -> None:
@@ -43,13 +45,11 @@ def require_admin(
         )
 
 
-def is_admin(request: Request, rt: RuntimeDep) -> bool:
-    """Whether the caller holds the admin token (prediction routes show more to admins).
-    Read from the header directly: these routes need no auth, so the schema declares none."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def caller_is_admin(rt: Runtime, authorization: str) -> bool:
+    """Whether an ``Authorization`` header value carries the admin token (prediction routes
+    show more to admins). Read from the header directly: those routes need no auth, so the
+    schema declares none."""
+    scheme, _, token = authorization.partition(" ")
     if not token:
         return False
     return _token_ok(rt, HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip()))
-
-
-AdminFlag = Annotated[bool, Depends(is_admin)]

@@ -25,7 +25,7 @@ from service.metrics import ServiceMetrics
 from service.quarantine_writer import QuarantineWriter
 from service.settings import ServiceSettings
 from service.spool import Spool
-from service.swap import ModelSlot, Swapper
+from service.swap import ModelSlot, Swapper, settle_garbage
 from service.traffic import Traffic
 
 logger = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class Runtime:
                 self.settings.store_root,
             )
         self.swapper.start(self.redis, self.keys)
+        settle_garbage()
 
     async def stop(self) -> None:
         await self.swapper.stop()

@@ -34,6 +34,16 @@ RETRY_REFUSED_S = 30.0
 RESUBSCRIBE_DELAY_S = 1.0
 
 
+def settle_garbage() -> None:
+    """Collect now (the old pair, once no batch holds it) and freeze what survives: a process
+    holding torch and a model has enough long-lived objects that the collector's full passes
+    took tens to hundreds of milliseconds under load, showing up as p99 spikes. Frozen objects
+    are skipped by those passes; unfreezing first lets a swapped-out model be collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class ModelSlot:
     """The one reference the batcher reads at the start of every batch."""
 
@@ -108,7 +118,7 @@ class Swapper:
             self._refused.pop(version, None)
             self.last_error = None
             del loaded
-            gc.collect()  # free the old pair now that no batch can pick it up
+            settle_garbage()
             seconds = time.perf_counter() - started
             logger.info("swapped %s -> %s in %.2f s", old, version, seconds)
             self.on_swap(old, version, seconds)

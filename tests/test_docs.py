@@ -1,0 +1,45 @@
+"""The README documents every setting, route and metric the code has (a new one without a line
+in the README fails here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nnoculation.online.settings import ENV_PREFIX
+from service.app import create_app
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+from worker.settings import WorkerSettings
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    names = {*ServiceSettings.model_fields, *WorkerSettings.model_fields}
+    missing = [n for n in sorted(names) if f"`{ENV_PREFIX}{n.upper()}" not in README]
+    assert not missing, missing
+
+
+def test_every_route_is_in_the_readme() -> None:
+    paths = set(create_app(ServiceSettings()).openapi()["paths"])
+    assert len(paths) >= 20
+    documented = {p.replace("{v}", "{version}").replace("{id}", "{repair_id}") for p in
+                  re.findall(r"(/[a-z/_{}.0-9]+)", README)}  # fmt: skip
+    aliases = {"{archive_id}": "{id}", "{repair_id}": "{id}", "{version}": "{v}"}
+    missing = []
+    for path in sorted(paths):
+        variants = {path}
+        for long, short in aliases.items():
+            variants |= {v.replace(long, short) for v in variants}
+        if not any(v in README for v in variants) and not variants & documented:
+            missing.append(path)
+    assert not missing, missing
+
+
+def test_every_metric_is_in_the_readme() -> None:
+    metrics = ServiceMetrics()
+    names = {m.name for m in metrics.registry.collect()}
+    names |= {"nnoc_repairs_total", "nnoc_repair_duration_seconds"}  # the worker's
+    missing = [n for n in sorted(names) if n not in README and f"{n}_total" not in README]
+    assert not missing, missing
