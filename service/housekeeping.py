@@ -61,13 +61,27 @@ def refresh_gauges(rt: Runtime) -> None:
     stats = rt.quarantine.stats()
     m.quarantine_stored.set(stats["size"])
     m.quarantine_overflow.set(stats["overflow"])
-    for version, info in stats["versions"].items():
-        m.quarantine_size.labels(version=version).set(info["pending"])
-        for label, count in info["badnet_labels"].items():
-            m.quarantine_labels.labels(version=version, label=str(label)).set(count)
-    served = rt.slot.version
-    if served is not None and served not in stats["versions"]:
-        m.quarantine_size.labels(version=served).set(0)
+    sizes = {v: info["pending"] for v, info in stats["versions"].items()}
+    labels = {
+        (v, str(label)): count
+        for v, info in stats["versions"].items()
+        for label, count in info["badnet_labels"].items()
+    }
+    if rt.slot.version is not None:
+        sizes.setdefault(rt.slot.version, 0)
+    # Series that emptied (claimed, archived, purged) drop to 0 rather than keep their value.
+    for version in rt.gauge_series["sizes"] - sizes.keys():
+        sizes[version] = 0
+    for key in rt.gauge_series["labels"] - labels.keys():
+        labels[key] = 0
+    for version, count in sizes.items():
+        m.quarantine_size.labels(version=version).set(count)
+    for (version, label), count in labels.items():
+        m.quarantine_labels.labels(version=version, label=label).set(count)
+    rt.gauge_series = {
+        "sizes": {v for v, c in sizes.items() if c},
+        "labels": {k for k, c in labels.items() if c},
+    }
     records = rt.repairs.list()
     for status in STATUSES:
         m.repairs.labels(status=status).set(sum(r["status"] == status for r in records))

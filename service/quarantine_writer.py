@@ -104,6 +104,10 @@ class QuarantineWriter:
         still away: the files stay)."""
         if not self.spool.files():
             return 0
+        try:
+            self.quarantine.client.ping()  # Redis still away: keep appending to the same file
+        except redis.RedisError:
+            return 0
 
         def apply(record: dict[str, Any]) -> None:
             entry = QuarantineEntry.from_record(record)

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 import torch
@@ -61,6 +62,10 @@ class Runtime:
     member: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     started: float = field(default_factory=time.time)
     _policies: dict[str, DecodePolicy] = field(default_factory=dict)
+    # Label sets of the quarantine gauges last set (housekeeping zeroes the ones that emptied).
+    gauge_series: dict[str, set[Any]] = field(
+        default_factory=lambda: {"sizes": set(), "labels": set()}
+    )
 
     def decode_policy(self, model: LoadedDeployment) -> DecodePolicy:
         """The upload policy for ``model``'s input spec (cached per version)."""

@@ -244,6 +244,13 @@ def test_a_tampered_bundle_is_refused_and_the_old_one_keeps_serving(
         assert 'nnoc_swaps_total{result="refused"}' in api.client().get("/metrics").text
         refused = admin.post(f"/admin/versions/{bad}/activate")
         assert refused.status_code == 422 and "sha256" in refused.json()["detail"]
+        # Without an announcement, polling the store's pointer finds a newly activated version.
+        good = publish(store_root, source)
+        store.activate(DEPLOYMENT, good)
+        wait_for(
+            lambda: admin.get("/admin/status").json()["this_process"]["version"] == good,
+            5, "polling to pick up an activation nobody announced",
+        )  # fmt: skip
     finally:
         api.stop()
 

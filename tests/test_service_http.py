@@ -229,6 +229,39 @@ def test_disconnecting_clients_do_not_stall_the_server(server: ApiServer) -> Non
     assert [a.status_code for a in answers] == [200] * 20
 
 
+def test_admin_versions_purge_and_repair(server: ApiServer, tiny_deployment: Any) -> None:
+    _, attack, _ = tiny_deployment
+    with server.admin() as admin, server.client() as client:
+        for data in poisoned_pngs(attack, 10, seed=81):
+            client.post("/predict", content=data, headers=PNG)
+        versions = admin.get("/admin/versions").json()
+        assert versions["active"] == "v0001" and versions["versions"][0]["active"]
+        assert admin.get("/admin/versions/v0001").json()["version"] == "v0001"
+        assert admin.get("/admin/versions/v0009").status_code == 404
+        assert admin.get("/admin/versions/v0001/samples.png").status_code == 404  # not a repair
+        assert admin.delete("/admin/versions/v0001").status_code == 409  # the active one
+        assert admin.post("/admin/rollback").status_code == 404  # nothing before v0001
+        assert admin.post("/admin/versions/v0001/activate").json() == {"active": "v0001"}
+        stats = admin.get("/admin/quarantine").json()
+        pending = stats["versions"]["v0001"]["pending"]
+        assert pending > 0 and stats["versions"]["v0001"]["badnet_classes"]
+        started = admin.post("/admin/repair")
+        assert started.status_code == 202 and started.json()["started"]
+        rid = started.json()["repair_id"]
+        again = admin.post("/admin/repair")
+        assert again.status_code == 409 and again.json()["repair_id"] == rid
+        record = admin.get(f"/admin/repairs/{rid}").json()
+        assert record["status"] == "queued" and record["trigger"] == "admin"
+        assert admin.post(f"/admin/repairs/{rid}/cancel").json()["status"] == "cancel_requested"
+        assert admin.get("/admin/repairs/nope").status_code == 404
+        purged = admin.post("/admin/quarantine/purge", params={"version": "v0001"}).json()
+        archive = admin.get(f"/admin/quarantine/archives/{purged['purge_id']}").json()
+        assert purged["archived"] == len(archive["items"]) == pending
+        assert admin.get("/admin/quarantine").json()["versions"] == {}
+        listed = admin.get("/admin/quarantine/archives").json()["archives"]
+        assert purged["purge_id"] in [a["id"] for a in listed]
+
+
 def test_schemathesis_finds_no_server_error(server: ApiServer, tmp_path: Path) -> None:
     result = subprocess.run(
         [

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +52,13 @@ DEPLOYMENT = "serving"
 # (NNOC_WORKERS), LitServe 1 API server + 1 inference worker (its default for one worker; a
 # second API server measured no faster in a trial here). One torch thread per process.
 API_WORKERS = 2
+CONFIGS = (
+    ("single", "unbatched"),
+    ("single", "batched"),
+    ("ensemble", "unbatched"),
+    ("ensemble", "batched"),
+    ("peer", "batched"),
+)
 CONCURRENCY = (1, 4, 16, 64)
 MAX_BATCH = 32
 MAX_WAIT_MS = 2.0
@@ -97,6 +105,16 @@ def run_wrk(url: str, concurrency: int, seconds: float, script: Path, image: Pat
     return result.stdout
 
 
+def median_row(cells: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One concurrency level over the repeats: the median of each figure, and every sample."""
+    row: dict[str, Any] = {"concurrency": cells[0]["concurrency"]}
+    for key in ("rps", "p50_ms", "p99_ms"):
+        row[key] = round(statistics.median(c[key] for c in cells), 2)
+    row["non_2xx"] = sum(c["non_2xx"] for c in cells)
+    row["samples"] = {key: [c[key] for c in cells] for key in ("rps", "p50_ms", "p99_ms")}
+    return row
+
+
 def sweep(url: str, args: argparse.Namespace, script: Path, image: Path, log: Any) -> list[Any]:
     run_wrk(url, 16, args.warmup, script, image)
     rows = []
@@ -133,7 +151,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Ours: {API_WORKERS} uvicorn workers; LitServe: 1 API server + 1 inference worker; one "
         "torch thread per process. `wrk` (one thread) POSTs the same 28x28 PNG as the raw body for "
-        f"{doc['seconds_per_cell']} s per cell. Ours: quarantine, metrics and admin auth on; "
+        f"{doc['seconds_per_cell']} s per cell, in {doc['repeats']} rounds over all "
+        "configurations; each figure is the median of the rounds (every sample is in "
+        "`serving.json`). Ours: quarantine, metrics and admin auth on; "
         f"batched = micro-batching with max_batch_size {MAX_BATCH}, max_wait_ms {MAX_WAIT_MS}. "
         "Peer: the BadNet behind LitServe with its own batching at the same size and wait.",
         "",
@@ -190,6 +210,7 @@ def main() -> None:
     parser.add_argument("--work", default="runs/serving")
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the configurations")
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -225,19 +246,28 @@ def main() -> None:
             "NNOC_THREADS": "1", "NNOC_MAX_BATCH_SIZE": str(MAX_BATCH),
             "NNOC_MAX_WAIT_MS": str(MAX_WAIT_MS), "NNOC_QUARANTINE_N": "100000",
         })  # fmt: skip
-        for system, nets in (("single", "badnet"), ("ensemble", "ensemble")):
-            for mode in ("unbatched", "batched"):
-                env = {**base, "NNOC_NETS": nets, "NNOC_BATCHING": str(mode == "batched")}
-                log(f"ours: {system}, {mode}")
-                with api_server(env, work / f"api-{system}-{mode}.log", workers=API_WORKERS) as url:
-                    doc[system][mode] = sweep(f"{url}/predict", args, script, image, log)
-        log("peer: LitServe, batched")
-        with litserve_peer(store, work / "litserve.log") as url:
-            doc["peer"]["batched"] = sweep(f"{url}/predict", args, script, image, log)
+        samples: dict[tuple[str, str], list[list[dict[str, Any]]]] = {}
+        for round_ in range(args.repeats):
+            # Rounds visit the configurations in turn, so slow phases of a shared machine
+            # spread over all of them instead of landing on one.
+            for system, mode in CONFIGS:
+                log(f"round {round_ + 1}/{args.repeats}: {system}, {mode}")
+                if system == "peer":
+                    server = litserve_peer(store, work / "litserve.log")
+                else:
+                    nets = "badnet" if system == "single" else "ensemble"
+                    env = {**base, "NNOC_NETS": nets, "NNOC_BATCHING": str(mode == "batched")}
+                    server = api_server(env, work / f"api-{system}-{mode}.log", API_WORKERS)
+                with server as url:
+                    rows = sweep(f"{url}/predict", args, script, image, log)
+                samples.setdefault((system, mode), []).append(rows)
+        for (system, mode), runs in samples.items():
+            doc[system][mode] = [median_row(cells) for cells in zip(*runs, strict=True)]
     doc["targets"] = targets(doc)
     doc.update({
         "seconds": round(time.monotonic() - started, 1),
         "seconds_per_cell": args.seconds,
+        "repeats": args.repeats,
         "commit": commit(),
         "layout": {"ours": f"{API_WORKERS} uvicorn workers, 1 torch thread each",
                    "peer": "LitServe: 1 API server + 1 inference worker, 1 torch thread"},

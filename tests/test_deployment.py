@@ -1,0 +1,80 @@
+"""``load_deployment`` serves every on-disk form alike: a zoo deployment, a TorchScript one and
+a ``torch.export`` one answer exactly as their nets do offline, through the library and through
+the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from models.bundle import load_bundle, write_bundle
+from models.nets import Net
+from models.store import ModelStore
+from nnoculation.deployment import load_deployment, resolve_device
+from service.app import create_app
+from service.settings import ServiceSettings
+from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix, png
+
+
+def as_format(net: Net, fmt: str) -> Net:
+    if fmt == "zoo":
+        return net
+    if fmt == "torchscript":
+        return Net(torch.jit.script(net.module), "torchscript", net.spec, net.num_classes)
+    return Net(net.module, "export", net.spec, net.num_classes)
+
+
+def publish_as(store_root: Path, source: Path, fmt: str) -> tuple[Net, Net]:
+    bundle = load_bundle(source)
+    nets = {role: as_format(bundle.net(role), fmt) for role in ("badnet", "goodnet")}
+
+    def build(directory: Path, version: str) -> Any:
+        return write_bundle(
+            directory, name="deployment", version=version, parent=None, spec=bundle.spec,
+            class_names=bundle.class_names, nets=nets,
+            tensors={"validation": bundle.tensors("validation")},
+            metrics=bundle.manifest.metrics, provenance=bundle.manifest.provenance,
+        )  # fmt: skip
+
+    ModelStore(store_root).publish(DEPLOYMENT, build, activate=True)
+    return nets["badnet"], nets["goodnet"]
+
+
+@pytest.mark.parametrize("fmt", ["zoo", "torchscript", "export"])
+def test_every_format_answers_as_offline(tmp_path: Path, tiny_deployment: Any, fmt: str) -> None:
+    source, attack, test = tiny_deployment
+    badnet, goodnet = publish_as(tmp_path / "store", source, fmt)
+    loaded = load_deployment(ModelStore(tmp_path / "store"), DEPLOYMENT, device="cpu")
+    assert loaded.badnet.format == fmt and loaded.version == "v0001"
+    loaded.warm_up()
+    images = torch.cat([test.images[:20], attack.triggers[0].apply(
+        test.images[:20], torch.Generator().manual_seed(0))])  # fmt: skip
+    out = loaded.classify(images)
+    assert torch.equal(out.badnet_labels, badnet.predict(images))
+    assert torch.equal(out.goodnet_labels, goodnet.predict(images))
+    assert torch.equal(out.labels, out.goodnet_labels)  # sec. 3.3: the GoodNet's answer
+    assert out.disagree.any(), "the trigger should split the two nets on some inputs"
+    # And through the API.
+    settings = ServiceSettings(
+        redis_url=DEFAULT_REDIS_URL, key_prefix=new_prefix(), deployment=DEPLOYMENT,
+        store_root=tmp_path / "store", spool_dir=tmp_path / "spool", workers=1,
+    )  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        answers = [
+            client.post("/predict", content=png(img), headers={"content-type": "image/png"})
+            for img in images[:6]
+        ]
+    assert [a.json()["label"] for a in answers] == out.labels[:6].tolist()
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
