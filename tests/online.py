@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -40,6 +41,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+PNG_HEADERS = {"content-type": "image/png"}
+
+
+class Load(threading.Thread):
+    """Requests in a loop from one thread; keeps every status and answering version."""
+
+    def __init__(self, url: str, images: list[bytes], admin_token: str | None = None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.images = url, images
+        self.headers = {**PNG_HEADERS}
+        if admin_token:
+            self.headers["Authorization"] = f"Bearer {admin_token}"
+        self.stop = threading.Event()
+        self.results: list[tuple[int, dict[str, Any] | None, bytes]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=15) as client:
+            i = 0
+            while not self.stop.is_set():
+                data = self.images[i % len(self.images)]
+                try:
+                    r = client.post("/predict", content=data, headers=self.headers)
+                    self.results.append(
+                        (r.status_code, r.json() if r.status_code == 200 else None, data)
+                    )
+                except httpx.HTTPError as err:
+                    self.errors.append(repr(err))
+                i += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            self.join(20)
 
 
 def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:

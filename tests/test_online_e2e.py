@@ -6,12 +6,10 @@ fails while it is swapped in."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 import rq
 
@@ -20,6 +18,7 @@ from nnoculation.online.keys import Keys
 from tests.online import (
     DEPLOYMENT,
     ApiServer,
+    Load,
     WorkerProcess,
     clean_pngs,
     new_prefix,
@@ -36,33 +35,6 @@ PNG = {"content-type": "image/png"}
 REPAIR_OPTIONS = '{"theta": 0.9, "finetune_epochs": 1, "domain_a_size": 64}'
 
 
-class Traffic(threading.Thread):
-    """Clean requests in a loop; records every status and the versions that answered."""
-
-    def __init__(self, url: str, images: list[bytes]) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.images = images
-        self.stop = threading.Event()
-        self.statuses: list[int] = []
-        self.versions: list[str] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=10) as client:
-            i = 0
-            while not self.stop.is_set():
-                try:
-                    r = client.post("/predict", content=self.images[i % len(self.images)],
-                                    headers=PNG)  # fmt: skip
-                    self.statuses.append(r.status_code)
-                    if r.status_code == 200:
-                        self.versions.append(r.json()["model_version"])
-                except httpx.HTTPError as err:
-                    self.errors.append(repr(err))
-                i += 1
-
-
 def test_quarantine_fills_one_repair_runs_every_process_swaps(
     tmp_path: Path, tiny_deployment: Any
 ) -> None:
@@ -75,7 +47,7 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
                          repair_options=REPAIR_OPTIONS)  # fmt: skip
         api = ApiServer(env, tmp_path / "api.log", workers=2)
         worker = WorkerProcess(env, tmp_path / "worker.log")
-        traffic = Traffic(api.url, clean_pngs(16, seed=40))
+        traffic = Load(api.url, clean_pngs(16, seed=40))
         try:
             api.wait_ready()
             admin = api.admin()
@@ -113,15 +85,13 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
             assert max(lags) <= 5.0, lags
             time.sleep(1.0)  # traffic on the new version
         finally:
-            traffic.stop.set()
-            if traffic.is_alive():
-                traffic.join(10)
+            traffic.finish()
             api.stop()
             worker.stop()
 
-        assert traffic.errors == [] and set(traffic.statuses) == {200}, (
-            traffic.errors[:5], sorted(set(traffic.statuses)))  # fmt: skip
-        assert {"v0001", new} <= set(traffic.versions)
+        statuses = {status for status, _, _ in traffic.results}
+        assert traffic.errors == [] and statuses == {200}, (traffic.errors[:5], statuses)
+        assert {"v0001", new} <= {body["model_version"] for _, body, _ in traffic.results if body}
         store = ModelStore(store_root)
         assert store.versions(DEPLOYMENT) == ["v0001", new] and store.active(DEPLOYMENT) == new
         assert store.manifest(DEPLOYMENT, new).parent == "v0001"

@@ -8,12 +8,10 @@ import contextlib
 import hashlib
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 
 from models.store import ModelStore
@@ -24,6 +22,7 @@ from nnoculation.online.quarantine import content_hash
 from tests.online import (
     DEPLOYMENT,
     ApiServer,
+    Load,
     WorkerProcess,
     clean_pngs,
     new_prefix,
@@ -35,39 +34,6 @@ from tests.online import (
 )
 
 PNG = {"content-type": "image/png"}
-
-
-class Load(threading.Thread):
-    """Requests in a loop from one thread; keeps every status and answering version."""
-
-    def __init__(self, url: str, images: list[bytes], admin_token: str | None = None) -> None:
-        super().__init__(daemon=True)
-        self.url, self.images = url, images
-        self.headers = {**PNG}
-        if admin_token:
-            self.headers["Authorization"] = f"Bearer {admin_token}"
-        self.stop = threading.Event()
-        self.results: list[tuple[int, dict[str, Any] | None, bytes]] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=15) as client:
-            i = 0
-            while not self.stop.is_set():
-                data = self.images[i % len(self.images)]
-                try:
-                    r = client.post("/predict", content=data, headers=self.headers)
-                    self.results.append(
-                        (r.status_code, r.json() if r.status_code == 200 else None, data)
-                    )
-                except httpx.HTTPError as err:
-                    self.errors.append(repr(err))
-                i += 1
-
-    def finish(self) -> None:
-        self.stop.set()
-        if self.is_alive():
-            self.join(20)
 
 
 def test_redis_restart_under_traffic_loses_and_doubles_nothing(
@@ -82,7 +48,6 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
                          quarantine_n=100_000)  # fmt: skip
         api = ApiServer(env, tmp_path / "api.log")
         load = Load(api.url, poisoned, admin_token="test-admin-token")
-        load.images = poisoned
         try:
             api.wait_ready()
             spec = ModelStore(tmp_path / "store").load(DEPLOYMENT).spec
