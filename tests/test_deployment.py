@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
 from models.bundle import load_bundle, write_bundle
 from models.nets import Net
@@ -18,6 +17,9 @@ from nnoculation.deployment import load_deployment, resolve_device
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix, png
+
+# Starlette asks for `httpx2` behind its TestClient; the client still works with httpx.
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
 def as_format(net: Net, fmt: str) -> Net:
@@ -63,6 +65,8 @@ def test_every_format_answers_as_offline(tmp_path: Path, tiny_deployment: Any, f
         redis_url=DEFAULT_REDIS_URL, key_prefix=new_prefix(), deployment=DEPLOYMENT,
         store_root=tmp_path / "store", spool_dir=tmp_path / "spool", workers=1,
     )  # fmt: skip
+    from fastapi.testclient import TestClient  # imported here: it warns at import
+
     with TestClient(create_app(settings)) as client:
         answers = [
             client.post("/predict", content=png(img), headers={"content-type": "image/png"})

@@ -64,7 +64,7 @@ def test_conversions_and_resize() -> None:
     rgb = np.full((12, 12, 3), (200, 100, 50), dtype=np.uint8)
     gray = decode_image(encode(rgb, "PNG"), GRAY)
     expected = np.asarray(Image.fromarray(rgb).convert("L"))
-    assert gray.shape == (1, 12, 12) and torch.equal(gray[0], torch.from_numpy(expected))
+    assert gray.shape == (1, 12, 12) and torch.equal(gray[0], torch.from_numpy(expected.copy()))
     to_rgb = decode_image(encode(np.full((8, 8), 77, np.uint8), "PNG"), RGB)
     assert to_rgb.shape == (3, 8, 8) and int(to_rgb.unique()) == 77
     big = decode_image(encode(np.zeros((24, 24), np.uint8), "PNG"), GRAY)
