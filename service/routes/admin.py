@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
@@ -12,7 +13,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from models.bundle import BundleError
-from models.store import StoreError, UnknownVersionError
+from models.store import StoreError
 from nnoculation.inputs import encode_png
 from nnoculation.online.announce import announce_activation
 from nnoculation.online.processes import live_processes
@@ -342,12 +343,7 @@ async def activate(
     version: VersionPath,
 ) -> dict[str, Any]:
     _version_or_404(rt, version)
-    try:
-        await asyncio.to_thread(rt.store.activate, rt.settings.deployment, version)
-    except BundleError as err:
-        raise HTTPException(422, f"version {version} is refused: {err}") from None
-    await _announce(rt, version, "admin")
-    return {"active": version}
+    return await _activate_with(rt, rt.store.activate, version, "admin")
 
 
 @router.post(
@@ -358,13 +354,23 @@ async def rollback(
     rt: RuntimeDep,
     version: Annotated[str | None, Query(pattern=VERSION_PATH)] = None,
 ) -> dict[str, Any]:
+    return await _activate_with(rt, rt.store.rollback, version, "admin rollback")
+
+
+async def _activate_with(
+    rt: Runtime, change: Callable[[str, Any], str | None], version: str | None, source: str
+) -> dict[str, Any]:
+    """Move the active pointer with ``change(deployment, version)`` (activate or rollback,
+    which verify the bundle first), then announce the version now active to every process."""
     try:
-        active = await asyncio.to_thread(rt.store.rollback, rt.settings.deployment, version)
-    except (UnknownVersionError, StoreError) as err:
-        raise HTTPException(404, str(err)) from None
+        active = await asyncio.to_thread(change, rt.settings.deployment, version)
     except BundleError as err:
-        raise HTTPException(422, f"refused: {err}") from None
-    await _announce(rt, active, "admin rollback")
+        refused = version or "to roll back to"
+        raise HTTPException(422, f"version {refused} is refused: {err}") from None
+    except StoreError as err:
+        raise HTTPException(404, str(err)) from None
+    active = active or str(version)
+    await _announce(rt, active, source)
     return {"active": active}
 
 
