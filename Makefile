@@ -53,6 +53,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy models nnoculation service worker
 
 # Benchmarks: every figure in docs/results/ comes from one of these.
 results-attacks: setup data

@@ -66,10 +66,10 @@ def _set_mode(module: nn.Module, training: bool) -> None:
 
 def module_device(module: nn.Module) -> torch.device:
     """The device of the first parameter or buffer (CPU for a stateless module)."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for parameter in module.parameters():
+        return parameter.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 

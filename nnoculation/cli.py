@@ -24,6 +24,7 @@ from models.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle, read_man
 from models.classifiers import ARCHITECTURES, ArchKwargsError, validate_arch_kwargs
 from models.importing import import_net
 from models.nets import Net
+from models.registry import Registry
 from models.spec import InputSpec
 from models.store import (
     DEPLOYMENT_PATTERN,
@@ -201,7 +202,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 def _recipe(args: argparse.Namespace) -> Recipe:
     recipe = default_recipe(args.dataset)
-    changes = {}
+    changes: dict[str, Any] = {}
     if args.arch and args.arch != recipe.arch:
         changes.update(arch=args.arch, arch_kwargs={})
     train = recipe.train.with_(seed=args.seed)
@@ -555,8 +556,12 @@ def cmd_store_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    registry = {"attacks": ATTACKS, "architectures": ARCHITECTURES, "datasets": DATASETS}[args.kind]
-    print("\n".join(registry.names()))
+    registries: dict[str, Registry[Any]] = {
+        "attacks": ATTACKS,
+        "architectures": ARCHITECTURES,
+        "datasets": DATASETS,
+    }
+    print("\n".join(registries[args.kind].names()))
     return 0
 
 

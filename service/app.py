@@ -68,7 +68,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             method
             for route in app.router.routes
             if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE
-            for method in route.methods
+            for method in route.methods or ()
         )
         return JSONResponse(
             {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)}

@@ -82,7 +82,7 @@ def refresh_gauges(rt: Runtime) -> None:
         "sizes": {v for v, c in sizes.items() if c},
         "labels": {k for k, c in labels.items() if c},
     }
-    records = rt.repairs.list()
+    records = rt.repairs.recent()
     for status in STATUSES:
         m.repairs.labels(status=status).set(sum(r["status"] == status for r in records))
     m.repair_in_flight.set(int(any(r["status"] in IN_FLIGHT for r in records)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def run_one(
             if outcome.passed_gate:
                 write_bundle_dir_with(
                     run_dir / DEPLOYMENT_DIR,
-                    lambda d, o=outcome: write_repaired_bundle(o, bundle, d, "v0002"),
+                    partial(write_repaired_bundle, outcome, bundle, version="v0002"),
                 )
             for ablation, ablation_cfg in treatment_ablations(profile).items():
                 same = repair(bundle, stream.images, ablation_cfg, poison=outcome.poison)
@@ -434,7 +435,7 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
         version = f"v{step + 1:04d}"
         target = runs / "sequential" / version
         write_bundle_dir_with(
-            target, lambda d, o=outcome, p=current, v=version: write_repaired_bundle(o, p, d, v)
+            target, partial(write_repaired_bundle, outcome, current, version=version)
         )
         current = load_bundle(target)
     floors = {k: pct1(v) for k, v in floor.items()}

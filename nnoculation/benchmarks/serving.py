@@ -72,7 +72,7 @@ f:close()
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def parse_wrk(text: str) -> dict[str, float]:
+def parse_wrk(text: str) -> dict[str, Any]:
     """Requests/s, p50 and p99 (ms) and the count of non-2xx answers from ``wrk --latency``."""
 
     def latency(pct: str) -> float:

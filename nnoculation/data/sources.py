@@ -165,15 +165,16 @@ def load_image_folder(path: Path | str, grayscale: bool | None = None) -> DataSo
         ]
     if not files:
         raise ValueError(f"{root}: no image files found in its class folders")
-    modes, arrays = set(), []
+    modes: set[str] = set()
+    images = []
     for f, _ in files:
         with Image.open(f) as im:
             modes.add(im.mode)
-            arrays.append(im.copy())
+            images.append(im.copy())
     if grayscale is None:
         grayscale = modes <= {"L", "1", "I;16"}
     mode = "L" if grayscale else "RGB"
-    arrays = [np.asarray(im.convert(mode)) for im in arrays]
+    arrays = [np.asarray(im.convert(mode)) for im in images]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) != 1:
         raise ValueError(f"{root}: images have different sizes {sorted(sizes)}; resize them first")

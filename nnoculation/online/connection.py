@@ -3,6 +3,8 @@ not hang it (the service falls back to its spool)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -20,3 +22,8 @@ def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, retries: int = 1) ->
         retry=Retry(NoBackoff(), retries),
         health_check_interval=30,
     )
+
+
+def text(value: Any) -> str:
+    """A Redis reply (bytes, as these clients return them) as a string."""
+    return value.decode() if isinstance(value, bytes) else str(value)

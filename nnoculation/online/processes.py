@@ -11,6 +11,7 @@ from typing import Any
 
 import redis
 
+from nnoculation.online.connection import text
 from nnoculation.online.keys import Keys
 
 
@@ -36,12 +37,12 @@ def forget_process(client: redis.Redis, keys: Keys, member: str) -> None:
 
 def live_processes(client: redis.Redis, keys: Keys) -> list[dict[str, str]]:
     """The processes whose record has not expired, oldest registration first."""
-    members = [m.decode() for m in client.zrange(keys.processes, 0, -1)]
+    members = [text(m) for m in client.zrange(keys.processes, 0, -1)]
     pipe = client.pipeline(transaction=False)
     for member in members:
         pipe.hgetall(keys.process(member))
     out = []
     for member, raw in zip(members, pipe.execute(), strict=True):
         if raw:
-            out.append({"member": member, **{k.decode(): v.decode() for k, v in raw.items()}})
+            out.append({"member": member, **{text(k): text(v) for k, v in raw.items()}})
     return out

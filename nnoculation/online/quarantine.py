@@ -31,6 +31,7 @@ from typing import Any
 import redis
 import torch
 
+from nnoculation.online.connection import text
 from nnoculation.online.keys import Keys
 
 EVENT_MEMORY = 16  # write ids remembered per item, to apply a replayed write once
@@ -210,14 +211,14 @@ class StoredItem:
 
 
 def _item(sha: str, raw: dict[bytes, bytes]) -> StoredItem:
-    shape = tuple(int(v) for v in raw[b"shape"].decode().split(","))
+    shape = tuple(int(v) for v in text(raw[b"shape"]).split(","))
     image = torch.frombuffer(bytearray(raw[b"image"]), dtype=torch.uint8).reshape(shape)
     return StoredItem(
         sha256=sha,
         image=image,
         badnet_label=int(raw[b"badnet_label"]),
         goodnet_label=int(raw[b"goodnet_label"]),
-        version=raw[b"version"].decode(),
+        version=text(raw[b"version"]),
         first_seen=float(raw[b"first_seen"]),
         last_seen=float(raw[b"last_seen"]),
         count=int(raw[b"count"]),
@@ -260,7 +261,7 @@ class Quarantine:
                 EVENT_MEMORY,
             ]
         )
-        return AddResult(status.decode(), int(pending))
+        return AddResult(text(status), int(pending))
 
     # --- reading ---
 
@@ -270,7 +271,7 @@ class Quarantine:
     def stats(self) -> dict[str, Any]:
         """Sizes per version, the BadNet-label histograms, cap, overflow and event count."""
         k = self.keys
-        versions = sorted(v.decode() for v in self.client.smembers(k.versions))
+        versions = sorted(text(v) for v in self.client.smembers(k.versions))
         pipe = self.client.pipeline(transaction=False)
         pipe.get(k.size)
         pipe.get(k.overflow)
@@ -306,7 +307,7 @@ class Quarantine:
     def samples(self, version: str, limit: int, offset: int = 0) -> list[StoredItem]:
         """Pending entries of ``version``, oldest first."""
         shas = [
-            s.decode()
+            text(s)
             for s in self.client.zrange(self.keys.pending(version), offset, offset + limit - 1)
         ]
         return self._read([self.keys.item(s) for s in shas], shas)
@@ -324,7 +325,7 @@ class Quarantine:
         return int(self._claim(args=[self.keys.base, version, repair_id]))
 
     def claimed(self, repair_id: str) -> list[StoredItem]:
-        shas = [s.decode() for s in self.client.zrange(self.keys.claimed(repair_id), 0, -1)]
+        shas = [text(s) for s in self.client.zrange(self.keys.claimed(repair_id), 0, -1)]
         return self._read([self.keys.item(s) for s in shas], shas)
 
     def claimed_images(self, repair_id: str) -> torch.Tensor:
@@ -345,19 +346,22 @@ class Quarantine:
     def archived(self, repair_id: str, limit: int = 1000) -> list[StoredItem]:
         """Entries archived under ``repair_id`` (a repair's or a purge's id)."""
         base = self.keys.archive(repair_id)
-        shas = [s.decode() for s in self.client.zrange(base, 0, limit - 1)]
+        shas = [text(s) for s in self.client.zrange(base, 0, limit - 1)]
         return self._read([f"{base}:{s}" for s in shas], shas)
 
     def archives(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest archives (repairs' and purges'): id, time and size."""
-        found = self.client.zrevrange(self.keys.archives, 0, limit - 1, withscores=True)
+        found: list[Any] = list(
+            self.client.zrevrange(self.keys.archives, 0, limit - 1, withscores=True)
+        )
+        ids = [text(archive_id) for archive_id, _ in found]
         pipe = self.client.pipeline(transaction=False)
-        for archive_id, _ in found:
-            pipe.zcard(self.keys.archive(archive_id.decode()))
+        for archive_id in ids:
+            pipe.zcard(self.keys.archive(archive_id))
         sizes = pipe.execute()
         return [
-            {"id": a.decode(), "time": t, "entries": int(n)}
-            for (a, t), n in zip(found, sizes, strict=True)
+            {"id": a, "time": float(t), "entries": int(n)}
+            for a, (_, t), n in zip(ids, found, sizes, strict=True)
         ]
 
     def purge(self, version: str, purge_id: str) -> int:

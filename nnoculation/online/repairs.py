@@ -35,6 +35,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from nnoculation.online.connection import text
 from nnoculation.online.keys import REPAIR_JOB, Keys
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Repairs:
         started, current = self._start(
             args=[self.keys.base, rid, repr(time.time()), version, trigger, pending]
         )
-        current = current.decode() if isinstance(current, bytes) else str(current)
+        current = text(current)
         if not int(started):
             return StartResult(False, current)
         try:
@@ -159,7 +160,7 @@ class Repairs:
         raw = self.client.hgetall(self.keys.repair(repair_id))
         if not raw:
             return None
-        record: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+        record: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
         for key in ("created", "updated", "finished", "announced"):
             if key in record:
                 record[key] = float(record[key])
@@ -172,7 +173,7 @@ class Repairs:
         return record
 
     def update(self, repair_id: str, **fields: Any) -> None:
-        values = {"updated": repr(time.time())}
+        values: dict[Any, Any] = {"updated": repr(time.time())}
         for key, value in fields.items():
             if value is None:
                 continue
@@ -181,11 +182,11 @@ class Repairs:
 
     def current(self) -> str | None:
         value = self.client.get(self.keys.current_repair)
-        return value.decode() if value else None
+        return text(value) if value else None
 
-    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         """The newest ``limit`` repairs, newest first."""
-        ids = [i.decode() for i in self.client.zrevrange(self.keys.repairs, 0, limit - 1)]
+        ids = [text(i) for i in self.client.zrevrange(self.keys.repairs, 0, limit - 1)]
         return [r for r in (self.get(i) for i in ids) if r is not None]
 
     def finish(self, repair_id: str, status: str, backoff_s: float = 0.0, **fields: Any) -> None:

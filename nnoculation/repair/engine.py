@@ -285,7 +285,9 @@ def sample_grid(clean: torch.Tensor, poisoned: torch.Tensor, quarantine: torch.T
     grid = make_grid(rows, nrow=n, padding=2, pad_value=1.0)
     array = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     image = Image.fromarray(array if array.shape[2] == 3 else array[:, :, 0])
-    image = image.resize((image.width * SAMPLE_SCALE, image.height * SAMPLE_SCALE), Image.NEAREST)
+    image = image.resize(
+        (image.width * SAMPLE_SCALE, image.height * SAMPLE_SCALE), Image.Resampling.NEAREST
+    )
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

@@ -30,7 +30,9 @@ router = APIRouter(
     responses=error_responses(401),
 )
 
-PNG = {200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+PNG: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+}
 MAX_SAMPLES = 500
 VERSION_PATH = r"^v\d{4,}$"
 SHA_PATH = r"^[0-9a-f]{64}$"
@@ -230,7 +232,7 @@ async def list_repairs(
     rt: RuntimeDep,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
 ) -> dict[str, Any]:
-    return {"repairs": await asyncio.to_thread(rt.repairs.list, limit)}
+    return {"repairs": await asyncio.to_thread(rt.repairs.recent, limit)}
 
 
 @router.get(
