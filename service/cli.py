@@ -12,6 +12,9 @@ import os
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from nnoculation.online.settings import describe_errors
 
 WORKER_HEALTHCHECK_S = 60
 
@@ -35,8 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = ServiceSettings()
-    except ValidationError as err:
-        print(f"usage error: invalid service settings:\n{err}", file=sys.stderr)
+    except (ValidationError, SettingsError) as err:
+        print(f"usage error: invalid service settings:\n{describe_errors(err)}", file=sys.stderr)
         return 2
     from nnoculation.online.metrics_dir import prepare_metrics_dir
 

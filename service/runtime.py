@@ -144,6 +144,8 @@ class Runtime:
         )
 
     async def start(self) -> None:
+        if self.settings.admin_token is None:
+            logger.warning("NNOC_ADMIN_TOKEN is not set: every /admin route answers 401")
         self.batcher.start()
         try:
             await self.swapper.sync()

@@ -8,6 +8,9 @@ import logging
 import sys
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from nnoculation.online.settings import describe_errors
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -22,16 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.settings import WorkerSettings  # (imports no prometheus-client)
+
+    try:
+        settings = WorkerSettings()
+    except (ValidationError, SettingsError) as err:
+        print(f"usage error: invalid worker settings:\n{describe_errors(err)}", file=sys.stderr)
+        return 2
     from nnoculation.online.metrics_dir import prepare_metrics_dir
 
     prepare_metrics_dir("nnoc-worker-metrics-")  # before anything imports prometheus-client
     from worker.main import run
-    from worker.settings import WorkerSettings
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    try:
-        settings = WorkerSettings()
-    except ValidationError as err:
-        print(f"usage error: invalid worker settings:\n{err}", file=sys.stderr)
-        return 2
     return run(settings, burst=args.burst)

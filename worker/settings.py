@@ -46,7 +46,10 @@ class WorkerSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _config_ok(self) -> WorkerSettings:
-        self.repair_config()  # invalid repair settings fail at start, not mid-repair
+        try:  # invalid repair settings fail at start, not mid-repair
+            self.repair_config()
+        except ValueError as err:
+            raise ValueError(f"NNOC_REPAIR_PROFILE / NNOC_REPAIR_OPTIONS: {err}") from None
         return self
 
     def repair_config(self, checkpoint_dir: Path | None = None) -> RepairConfig:

@@ -6,10 +6,11 @@ so a variable means the same thing to the API and the worker (README, "Settings"
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from nnoculation.online.keys import check_name
 
@@ -100,3 +101,18 @@ class CommonSettings(BaseSettings):
             except RuntimeError as err:
                 raise ValueError(f"unknown device {value!r}: {err}") from None
         return value
+
+
+def describe_errors(err: ValidationError | SettingsError) -> str:
+    """One line per invalid setting, named as the environment variable a user sets."""
+    if isinstance(err, SettingsError):  # a value that could not even be parsed (bad JSON)
+        return "  " + re.sub(r'field "(\w+)"', lambda m: ENV_PREFIX + m.group(1).upper(), str(err))
+    lines = []
+    for problem in err.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a check across settings names them itself
+            lines.append(f"  {message}")
+            continue
+        variable = ENV_PREFIX + ".".join(str(part) for part in problem["loc"]).upper()
+        lines.append(f"  {variable}: {message} (got {problem.get('input')!r})")
+    return "\n".join(lines)
