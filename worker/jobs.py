@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from rq import get_current_job
 
 from models.store import ModelStore, RepairLockedError
@@ -110,6 +111,8 @@ class Heartbeat:
 def run_repair(deployment: str, repair_id: str, attempt: int) -> dict[str, Any]:
     """RQ entry point (plain arguments only); settings come from the worker's environment."""
     settings = WorkerSettings()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     if deployment != settings.deployment:
         raise ValueError(
             f"job for deployment {deployment!r} reached a worker of {settings.deployment!r}"
