@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from models.bundle import Bundle, Manifest
+from models.bundle import Bundle
 from models.nets import Net
 from models.spec import InputSpec
 from models.store import ModelStore
 from nnoculation.ensemble import ensemble_rule
+from nnoculation.pipeline import VALIDATION_GROUP
 
 ROLES = ("badnet", "goodnet")
 WARM_UP_BATCH = 8
@@ -71,10 +72,6 @@ class LoadedDeployment:
         self.badnet = badnet.to(device).train_mode(False)
         self.goodnet = goodnet.to(device).train_mode(False)
 
-    @property
-    def manifest(self) -> Manifest:
-        return self.bundle.manifest
-
     def _logits(self, net: Net, x: torch.Tensor) -> torch.Tensor:
         return net.module(x).float().cpu()
 
@@ -102,7 +99,7 @@ class LoadedDeployment:
     def known_inputs(self, count: int = WARM_UP_BATCH) -> torch.Tensor:
         """A few clean validation images of the bundle (zeros if it holds none)."""
         try:
-            images = self.bundle.tensors("validation")["holdout_images"][:count]
+            images = self.bundle.tensors(VALIDATION_GROUP)["holdout_images"][:count]
         except KeyError:
             images = torch.zeros((count, *self.spec.shape), dtype=torch.uint8)
         return images

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,8 +65,6 @@ class Prediction:
     goodnet_label: int
     disagree: bool
     model: LoadedDeployment
-    queue_s: float
-    inference_s: float
     batch_size: int
 
 
@@ -126,7 +124,7 @@ class MicroBatcher:
     # --- requests ---
 
     @contextlib.contextmanager
-    def arrival(self):  # type: ignore[no-untyped-def]
+    def arrival(self) -> Iterator[None]:
         """Wrap the reading and decoding of a request: while inside, the batcher knows another
         input is on its way and may hold a batch open for it (up to ``max_wait_s``)."""
         self.arriving += 1
@@ -243,8 +241,6 @@ class MicroBatcher:
                         goodnet_label=good[i],
                         disagree=disagree[i],
                         model=model,
-                        queue_s=waits[i],
-                        inference_s=seconds,
                         batch_size=len(batch),
                     )
                 )

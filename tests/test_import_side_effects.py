@@ -23,7 +23,8 @@ def test_importing_the_library_loads_neither_matplotlib_nor_the_attack_suite(
 ) -> None:
     png = tmp_path / "h.png"
     code = (
-        "import nnoculation.repair.engine, models.store, models.bundle, sys\n"
+        "import nnoculation.repair.engine, nnoculation.deployment, service.app, worker.jobs\n"
+        "import models.store, models.bundle, sys\n"
         "assert 'matplotlib' not in sys.modules and 'nnoculation.attacks' not in sys.modules\n"
         f"import {', '.join(LIBRARY_MODULES)}\n"
         "bad = sorted(m for m in sys.modules if m == 'matplotlib' or m.startswith("

@@ -13,9 +13,6 @@ repair_duration = Histogram(
     "nnoc_repair_duration_seconds", "Wall time of a repair attempt, by status", ["status"],
     buckets=REPAIR_BUCKETS,
 )  # fmt: skip
-reconcile_actions = Counter(
-    "nnoc_reconcile_actions_total", "Repairs started or re-enqueued by reconciliation"
-)
 
 
 def finished(status: str, seconds: float) -> None:

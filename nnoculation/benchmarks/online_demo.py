@@ -125,7 +125,6 @@ class Timeline:
 
     repair_id: str | None = None
     repair_created: float | None = None
-    repair_finished: float | None = None
     record: dict[str, Any] = field(default_factory=dict)
     swapped: dict[str, float] = field(default_factory=dict)  # member -> swapped_at
     converged_at: float | None = None
@@ -198,7 +197,6 @@ async def watch(
         if record["status"] != "published":
             continue
         timeline.record = record
-        timeline.repair_finished = record.get("finished")
         new = record["result_version"]
         procs = (await admin.get("/admin/status")).json()["processes"]
         serving = [p for p in procs if p["version"] == new]
