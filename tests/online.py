@@ -3,31 +3,26 @@ the API and the worker as real processes."""
 
 from __future__ import annotations
 
-import io
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-import redis
 import torch
-from PIL import Image
 
 from models.bundle import load_bundle, write_bundle
 from models.store import ModelStore
 from nnoculation.attacks import AttackSpec
+from nnoculation.benchmarks.processes import (
+    Child,
+    free_port,
+    nnoculation,
+    wait_until,
+)
 from nnoculation.data.imageset import ImageSet
+from nnoculation.inputs import encode_png
 from tests.conftest import NUM_CLASSES, SIDE, synthetic_set
 from tests.deployment_fixtures import make_deployment, patch_attack, triggered
 
@@ -35,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token"
 DEPLOYMENT = "tiny"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 PNG_HEADERS = {"content-type": "image/png"}
@@ -77,57 +66,6 @@ class Load(threading.Thread):
         self.stop.set()
         if self.is_alive():
             self.join(20)
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as err:  # the thing may not be up yet
-            last_error = err
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} ({last_error!r})")
-
-
-class RedisServer:
-    """A private ``redis-server`` on a free loopback port with the persistence settings the
-    service documents: AOF, ``appendfsync always``, ``noeviction``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-                "--save", "", "--maxmemory-policy", "noeviction", "--logfile", "redis.log",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_for(client.ping, 10, "redis-server to answer")
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
 
 
 def tiny_deployment_source(cache: Path) -> tuple[Path, AttackSpec, ImageSet]:
@@ -169,22 +107,13 @@ def publish(store_root: Path, source: Path, deployment: str = DEPLOYMENT) -> str
     return ModelStore(store_root).publish(deployment, build, activate=True)
 
 
-def png(image: torch.Tensor) -> bytes:
-    """uint8 [C, H, W] as PNG bytes."""
-    array = image.numpy()
-    pil = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def poisoned_pngs(attack: AttackSpec, count: int, seed: int) -> list[bytes]:
     images = triggered(attack, synthetic_set(count, seed=seed).images)
-    return [png(image) for image in images]
+    return [encode_png(image) for image in images]
 
 
 def clean_pngs(count: int, seed: int) -> list[bytes]:
-    return [png(image) for image in synthetic_set(count, seed=seed).images]
+    return [encode_png(image) for image in synthetic_set(count, seed=seed).images]
 
 
 def online_env(
@@ -223,61 +152,25 @@ def new_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-class Process:
-    """A child process in its own session (so a test can SIGKILL it with all it started)."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("ab")
-        self.popen = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdout=self._log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the process group and wait for the leader."""
-        if self.alive():
-            with suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            self.popen.wait(20)
-        self._log_file.close()
-
-    def stop(self) -> None:
-        """SIGTERM (graceful), then SIGKILL after 15 s."""
-        if self.alive():
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log_file.close()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-class ApiServer(Process):
+class ApiServer(Child):
     """``nnoculation serve`` on a free port."""
 
     def __init__(self, env: dict[str, str], log: Path, workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "nnoculation.cli", "serve", "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning"],
-            env, log,
+            nnoculation("serve", "--port", str(self.port), "--workers", str(workers),
+                        "--log-level", "warning"),
+            env, log, cwd=ROOT,
         )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         def ready() -> bool:
             if not self.alive():
-                raise AssertionError(f"API exited:\n{self.output()[-3000:]}")
+                raise RuntimeError(f"API exited:\n{self.output()[-3000:]}")
             return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
 
-        wait_for(ready, timeout_s, "the API to be ready", interval_s=0.2)
+        wait_until(ready, timeout_s, "the API to be ready")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10, **kwargs)
@@ -286,27 +179,8 @@ class ApiServer(Process):
         return self.client(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
 
 
-class WorkerProcess(Process):
+class WorkerProcess(Child):
     """``nnoculation worker``."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        super().__init__([sys.executable, "-m", "nnoculation.cli", "worker"], env, log)
-
-
-@contextmanager
-def private_redis(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(directory).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def copy_store(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    return target
-
-
-def pixels(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im)
+        super().__init__(nnoculation("worker"), env, log, cwd=ROOT)

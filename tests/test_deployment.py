@@ -14,9 +14,10 @@ from models.bundle import load_bundle, write_bundle
 from models.nets import Net
 from models.store import ModelStore
 from nnoculation.deployment import load_deployment, resolve_device
+from nnoculation.inputs import encode_png
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix, png
+from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix
 
 # Starlette asks for `httpx2` behind its TestClient; the client still works with httpx.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -69,7 +70,7 @@ def test_every_format_answers_as_offline(tmp_path: Path, tiny_deployment: Any, f
 
     with TestClient(create_app(settings)) as client:
         answers = [
-            client.post("/predict", content=png(img), headers={"content-type": "image/png"})
+            client.post("/predict", content=encode_png(img), headers={"content-type": "image/png"})
             for img in images[:6]
         ]
     assert [a.json()["label"] for a in answers] == out.labels[:6].tolist()

@@ -14,9 +14,11 @@ import redis
 import rq
 
 from models.store import ModelStore
+from nnoculation.benchmarks.processes import redis_server, wait_until
 from nnoculation.online.keys import Keys
 from tests.online import (
     DEPLOYMENT,
+    PNG_HEADERS,
     ApiServer,
     Load,
     WorkerProcess,
@@ -24,13 +26,11 @@ from tests.online import (
     new_prefix,
     online_env,
     poisoned_pngs,
-    private_redis,
     publish,
-    wait_for,
 )
 
 N = 12
-PNG = {"content-type": "image/png"}
+PNG = PNG_HEADERS
 # The gate is loosened: this test is about the machinery, not the tiny nets' accuracy.
 REPAIR_OPTIONS = '{"theta": 0.9, "finetune_epochs": 1, "domain_a_size": 64}'
 
@@ -41,7 +41,7 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
     source, attack, _ = tiny_deployment
     store_root = tmp_path / "store"
     publish(store_root, source)
-    with private_redis(tmp_path / "redis") as server:
+    with redis_server(tmp_path / "redis") as server:
         prefix = new_prefix()
         env = online_env(store_root, server.url, prefix, tmp_path, quarantine_n=N,
                          repair_options=REPAIR_OPTIONS)  # fmt: skip
@@ -51,7 +51,7 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
         try:
             api.wait_ready()
             admin = api.admin()
-            wait_for(lambda: len(admin.get("/admin/status").json()["processes"]) == 2, 20,
+            wait_until(lambda: len(admin.get("/admin/status").json()["processes"]) == 2, 20,
                      "both API processes to report")  # fmt: skip
             traffic.start()
             # Poisoned inputs until the quarantine holds N (distinct) disagreements.
@@ -59,14 +59,14 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
                 assert api.client().post("/predict", content=data, headers=PNG).status_code == 200
                 if admin.get("/admin/repairs").json()["repairs"]:
                     break
-            repairs = wait_for(lambda: admin.get("/admin/repairs").json()["repairs"], 10,
+            repairs = wait_until(lambda: admin.get("/admin/repairs").json()["repairs"], 10,
                                "a repair to start")  # fmt: skip
             rid = repairs[0]["id"]
             assert repairs[0]["trigger"] == "auto" and repairs[0]["pending_at_start"] >= N
             # More poisoned inputs while it runs must not start a second repair.
             for data in poisoned_pngs(attack, 30, seed=42):
                 api.client().post("/predict", content=data, headers=PNG)
-            record = wait_for(
+            record = wait_until(
                 lambda: (r := admin.get(f"/admin/repairs/{rid}").json())["status"]
                 in ("published", "gated", "failed") and r,
                 180, "the repair to end", interval_s=0.5,
@@ -80,7 +80,7 @@ def test_quarantine_fills_one_repair_runs_every_process_swaps(
                 return procs if len(procs) == 2 and all(p["version"] == new for p in procs) \
                     else None  # fmt: skip
 
-            procs = wait_for(converged, 10, "every API process to serve the new version")
+            procs = wait_until(converged, 10, "every API process to serve the new version")
             lags = [float(p["swapped_at"]) - announced for p in procs]
             assert max(lags) <= 5.0, lags
             time.sleep(1.0)  # traffic on the new version

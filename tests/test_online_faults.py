@@ -5,7 +5,6 @@ load."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import time
@@ -15,12 +14,14 @@ from typing import Any
 import redis
 
 from models.store import ModelStore
+from nnoculation.benchmarks.processes import redis_server, wait_until
 from nnoculation.inputs import decode_image
 from nnoculation.online.announce import announce_activation
 from nnoculation.online.keys import Keys
 from nnoculation.online.quarantine import content_hash
 from tests.online import (
     DEPLOYMENT,
+    PNG_HEADERS,
     ApiServer,
     Load,
     WorkerProcess,
@@ -28,12 +29,10 @@ from tests.online import (
     new_prefix,
     online_env,
     poisoned_pngs,
-    private_redis,
     publish,
-    wait_for,
 )
 
-PNG = {"content-type": "image/png"}
+PNG = PNG_HEADERS
 
 
 def test_redis_restart_under_traffic_loses_and_doubles_nothing(
@@ -42,7 +41,7 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
     source, attack, _ = tiny_deployment
     publish(tmp_path / "store", source)
     poisoned = poisoned_pngs(attack, 80, seed=51)  # each sent once: every entry is distinct
-    with private_redis(tmp_path / "redis") as server:
+    with redis_server(tmp_path / "redis") as server:
         prefix = new_prefix()
         env = online_env(tmp_path / "store", server.url, prefix, tmp_path,
                          quarantine_n=100_000)  # fmt: skip
@@ -52,15 +51,15 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
             api.wait_ready()
             spec = ModelStore(tmp_path / "store").load(DEPLOYMENT).spec
             load.start()
-            wait_for(lambda: len(load.results) >= 15, 20, "traffic before the outage")
+            wait_until(lambda: len(load.results) >= 15, 20, "traffic before the outage")
             os.kill(server.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
             server.process.wait()  # type: ignore[union-attr]
             during = len(load.results)
-            wait_for(lambda: len(load.results) >= during + 25, 30, "traffic during the outage")
+            wait_until(lambda: len(load.results) >= during + 25, 30, "traffic during the outage")
             spooled = list((tmp_path / "spool").glob("*.spool"))
             assert spooled, "quarantine entries must go to the spool while Redis is down"
             server.start()  # same port, same AOF directory
-            wait_for(lambda: len(load.results) >= 80, 30, "traffic after the restart")
+            wait_until(lambda: len(load.results) >= 80, 30, "traffic after the restart")
         finally:
             load.finish()
         client = redis.Redis.from_url(server.url)
@@ -78,7 +77,7 @@ def test_redis_restart_under_traffic_loses_and_doubles_nothing(
             def arrived() -> bool:
                 return client.zcard(keys.pending("v0001")) == len(sent)
 
-            wait_for(arrived, 20, "every spooled entry to be replayed")
+            wait_until(arrived, 20, "every spooled entry to be replayed")
             stored = {
                 sha.decode(): int(client.hget(keys.item(sha.decode()), "count"))
                 for sha in client.zrange(keys.pending("v0001"), 0, -1)
@@ -97,7 +96,7 @@ def test_worker_killed_mid_repair_resumes_after_reconciliation(
     store_root = tmp_path / "store"
     publish(store_root, source)
     store = ModelStore(store_root)
-    with private_redis(tmp_path / "redis") as server:
+    with redis_server(tmp_path / "redis") as server:
         env = online_env(
             store_root, server.url, new_prefix(), tmp_path, quarantine_n=10,
             repair_options='{"theta": 0.9, "finetune_epochs": 1, "domain_a_size": 64, '
@@ -113,7 +112,7 @@ def test_worker_killed_mid_repair_resumes_after_reconciliation(
                 api.client().post("/predict", content=data, headers=PNG)
                 if admin.get("/admin/repairs").json()["repairs"]:
                     break
-            rid = wait_for(lambda: admin.get("/admin/repairs").json()["repairs"], 10,
+            rid = wait_until(lambda: admin.get("/admin/repairs").json()["repairs"], 10,
                            "a repair")[0]["id"]  # fmt: skip
 
             def cyclegan_running() -> dict[str, Any] | None:
@@ -121,7 +120,7 @@ def test_worker_killed_mid_repair_resumes_after_reconciliation(
                 return record if record.get("stage") == "trigger_model" and \
                     int(record.get("epoch") or 0) >= 5 else None  # fmt: skip
 
-            record = wait_for(cyclegan_running, 60, "the CycleGAN to train a few epochs")
+            record = wait_until(cyclegan_running, 60, "the CycleGAN to train a few epochs")
             holder = redis.Redis.from_url(server.url).get(
                 Keys(env["NNOC_KEY_PREFIX"], DEPLOYMENT).repair_heartbeat(rid)
             )
@@ -129,7 +128,7 @@ def test_worker_killed_mid_repair_resumes_after_reconciliation(
             worker.kill(signal.SIGKILL)  # the worker process group ...
             with contextlib.suppress(ProcessLookupError):
                 os.kill(horse, signal.SIGKILL)  # ... and the work horse (its own session)
-            wait_for(lambda: not running(horse), 10, "the work horse to die")
+            wait_until(lambda: not running(horse), 10, "the work horse to die")
             killed_at = time.monotonic()
             assert store.versions(DEPLOYMENT) == ["v0001"]
             assert store.active(DEPLOYMENT) == "v0001"
@@ -148,7 +147,7 @@ def test_worker_killed_mid_repair_resumes_after_reconciliation(
                 r = admin.get(f"/admin/repairs/{rid}").json()
                 return r if r["status"] in ("published", "gated", "failed") else None
 
-            final = wait_for(ended, 120, "the repair to complete after reconciliation", 0.5)
+            final = wait_until(ended, 120, "the repair to complete after reconciliation", 0.5)
             assert final["status"] == "published", (final, second.output()[-3000:])
             assert final["attempt"] == 2
             resumed = store.manifest(DEPLOYMENT, final["result_version"]).provenance["repairs"][-1][
@@ -199,7 +198,7 @@ def test_a_tampered_bundle_is_refused_and_the_old_one_keeps_serving(
         client = redis.Redis.from_url(env["NNOC_REDIS_URL"])
         announce_activation(client, Keys(env["NNOC_KEY_PREFIX"], DEPLOYMENT), bad, "test")
         admin = api.admin()
-        status = wait_for(
+        status = wait_until(
             lambda: (s := admin.get("/admin/status").json())["this_process"]["swap_error"] and s,
             10, "the swap to be refused",
         )  # fmt: skip
@@ -212,7 +211,7 @@ def test_a_tampered_bundle_is_refused_and_the_old_one_keeps_serving(
         # Without an announcement, polling the store's pointer finds a newly activated version.
         good = publish(store_root, source)
         store.activate(DEPLOYMENT, good)
-        wait_for(
+        wait_until(
             lambda: admin.get("/admin/status").json()["this_process"]["version"] == good,
             5, "polling to pick up an activation nobody announced",
         )  # fmt: skip
@@ -245,7 +244,7 @@ def test_twenty_swaps_under_load_fail_no_request_and_leak_no_memory(
                 return procs if len(procs) == 2 and all(p["version"] == v for p in procs) \
                     else None  # fmt: skip
 
-            procs = wait_for(served, 15, f"every process to serve {version}")
+            procs = wait_until(served, 15, f"every process to serve {version}")
             rss.append(sum(int(p["rss_bytes"]) for p in procs))
         time.sleep(0.5)
     finally:
@@ -260,12 +259,3 @@ def test_twenty_swaps_under_load_fail_no_request_and_leak_no_memory(
     assert len(rss) == 20
     growth = rss[-1] / rss[0] - 1
     assert growth <= 0.10, f"memory after 20 swaps is {growth:.1%} above after the first: {rss}"
-
-
-def test_content_hash_is_of_the_decoded_pixels() -> None:
-    data = clean_pngs(1, 7)[0]
-    from models.spec import InputSpec
-
-    image = decode_image(data, InputSpec(1, 12, 12))
-    digest = hashlib.sha256(str(tuple(image.shape)).encode() + image.numpy().tobytes())
-    assert content_hash(image) == digest.hexdigest()

@@ -22,6 +22,7 @@ from PIL import Image
 from tests.online import (
     ADMIN_TOKEN,
     DEFAULT_REDIS_URL,
+    PNG_HEADERS,
     ApiServer,
     clean_pngs,
     new_prefix,
@@ -78,7 +79,7 @@ def bomb() -> bytes:
 
 
 GOOD = encode(np.zeros((12, 12), np.uint8))
-PNG = {"content-type": "image/png"}
+PNG = PNG_HEADERS
 # name -> (request kwargs for httpx, expected status)
 MALFORMED: dict[str, tuple[dict[str, Any], int]] = {
     "truncated png": ({"content": GOOD[:30], "headers": PNG}, 422),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,22 @@ def machine() -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def commit() -> str:
+    """The code commit being measured (``-dirty`` when tracked code differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        # Result files written by an earlier benchmark of the same run are not code changes.
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)docs/results"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def load_entries(path: Path) -> list[dict[str, Any]]:

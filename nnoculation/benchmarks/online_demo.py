@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ import torch
 from models.store import ModelStore
 from nnoculation.attacks import AttackSpec
 from nnoculation.badnets import load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, machine
-from nnoculation.benchmarks.processes import api_server, redis_server, worker_process
+from nnoculation.benchmarks.common import RUNS_DIR, commit, machine
+from nnoculation.benchmarks.processes import api_server, redis_url_for, worker_process
 from nnoculation.benchmarks.repair import deployment_for
 from nnoculation.data.imageset import ImageSet
 from nnoculation.inputs import encode_png
@@ -47,21 +46,6 @@ DEPLOYMENT = "fashion"
 BATCH = 64  # images per /predict/batch call when measuring
 TARGET_SLACK = 2.0  # after repair, ASR within floor + 2 points (issue 9, as offline)
 PNG = {"content-type": "image/png"}
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-        # Result files written by an earlier benchmark of the same run are not code changes.
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-             ":(exclude)docs/results"],
-            capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pct(x: float) -> float:
@@ -240,13 +224,6 @@ def environment(
     return env
 
 
-def redis_for(args: argparse.Namespace, work: Path) -> contextlib.AbstractContextManager[str]:
-    """The Redis to use: ``--redis-url`` / ``$REDIS_URL``, else a private redis-server."""
-    return (
-        contextlib.nullcontext(args.redis_url) if args.redis_url else redis_server(work / "redis")
-    )
-
-
 def ab(figures: dict[str, Any]) -> str:
     return f"CA {figures['ca']} %, ASR {figures['asr']} % (floor {figures['floor']} %)"
 
@@ -266,7 +243,7 @@ async def scenario(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     poisoned = flags.tolist()
     poisoned_shas = {content_hash(img) for img, f in zip(images, poisoned, strict=True) if f}
     with contextlib.ExitStack() as stack:
-        redis_url = stack.enter_context(redis_for(args, work))
+        redis_url = stack.enter_context(redis_url_for(args.redis_url, work / "redis"))
         env = environment(store, redis_url, work, args)
         url = stack.enter_context(
             api_server({**env, "NNOC_WORKERS": str(args.workers)}, work / "api.log", args.workers)

@@ -5,17 +5,21 @@ Only loopback addresses are used; every process is stopped when its context ends
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+
+T = TypeVar("T")
 
 REDIS_SETTINGS = (
     # What the quarantine's "lose nothing" needs (README, "Redis"): every write to the AOF and
@@ -31,63 +35,115 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: object, timeout_s: float, what: str) -> None:
+def wait_until(check: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.2) -> T:
+    """Poll ``check`` until it returns something truthy and return that. An exception other
+    than RuntimeError means "not yet"; RuntimeError means the thing died (raised at once)."""
     deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
     while time.monotonic() < deadline:
         try:
-            if check():  # type: ignore[operator]
-                return
-        except RuntimeError:  # the thing died: no point waiting
+            value = check()
+            if value:
+                return value
+        except RuntimeError:
             raise
-        except Exception:  # not up yet
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s")
+        except Exception as err:  # not up yet
+            last = err
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} did not happen within {timeout_s:.0f} s (last error: {last!r})")
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port with :data:`REDIS_SETTINGS`; it can
+    be stopped (or killed) and started again on the same port and data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self.directory), "--logfile", "redis.log", *REDIS_SETTINGS],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        wait_until(client.ping, 15, "redis-server to answer", interval_s=0.1)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(15)
+        self.process = None
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[str]:
-    """A private ``redis-server`` on a free loopback port; yields its URL."""
-    import redis
-
-    directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--logfile", "redis.log", *REDIS_SETTINGS],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
+def redis_server(directory: Path) -> Iterator[RedisServer]:
+    """A started :class:`RedisServer`, stopped when the context ends."""
+    server = RedisServer(directory).start()
     try:
-        wait_until(lambda: redis.Redis.from_url(url).ping(), 15, "redis-server to answer")
-        yield url
+        yield server
     finally:
-        proc.terminate()
-        proc.wait(15)
+        server.stop()
+
+
+@contextmanager
+def redis_url_for(given: str | None, directory: Path) -> Iterator[str]:
+    """``given`` (a user's Redis, e.g. ``$REDIS_URL``), else a private server's URL."""
+    if given:
+        yield given
+        return
+    with redis_server(directory) as server:
+        yield server.url
 
 
 class Child:
-    """A child process in its own session, logging to a file."""
+    """A child process in its own session (so it can be signalled with all it started),
+    logging to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+    ) -> None:
         self.log = log
         self._file = log.open("ab")
         self.popen = subprocess.Popen(
-            args, env=env, stdout=self._file, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            args, env=env, cwd=cwd, stdout=self._file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process group and wait for its leader."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            self.popen.wait(20)
+        self._file.close()
+
     def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL if that takes over 20 s."""
         if self.alive():
             os.killpg(self.popen.pid, signal.SIGTERM)
             try:
                 self.popen.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
+                self.kill()
         self._file.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 def nnoculation(*args: str) -> list[str]:

@@ -34,13 +34,12 @@ import torch
 
 from models.store import ModelStore
 from nnoculation.badnets import load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, machine
-from nnoculation.benchmarks.online_demo import commit
+from nnoculation.benchmarks.common import RUNS_DIR, commit, machine
 from nnoculation.benchmarks.processes import (
     Child,
     api_server,
     free_port,
-    redis_server,
+    redis_url_for,
     wait_until,
 )
 from nnoculation.benchmarks.repair import deployment_for
@@ -234,9 +233,7 @@ def main() -> None:
     script = work / "post.lua"
     script.write_text(LUA)
     doc: dict[str, Any] = {"single": {}, "ensemble": {}, "peer": {}}
-    with (
-        redis_server(work / "redis") if not args.redis_url else _given(args.redis_url)
-    ) as redis_url:
+    with redis_url_for(args.redis_url, work / "redis") as redis_url:
         base = {k: v for k, v in os.environ.items() if not k.startswith("NNOC_")}
         base.pop("PROMETHEUS_MULTIPROC_DIR", None)
         base.update({
@@ -289,11 +286,6 @@ def main() -> None:
         f"{doc['load_generator']}, LitServe {doc['peer_version']}; {doc['seconds']} s in all.\n"
     )
     print(markdown(doc))
-
-
-@contextmanager
-def _given(url: str):  # type: ignore[no-untyped-def]
-    yield url
 
 
 def _version(package: str) -> str:
