@@ -235,6 +235,13 @@ async def list_repairs(
     return {"repairs": await asyncio.to_thread(rt.repairs.recent, limit)}
 
 
+async def _repair_or_404(rt: Runtime, repair_id: str) -> dict[str, Any]:
+    record = await asyncio.to_thread(rt.repairs.get, repair_id)
+    if record is None:
+        raise HTTPException(404, f"no repair {repair_id!r}")
+    return record
+
+
 @router.get(
     "/repairs/{repair_id}", response_model=Detail, responses=error_responses(404),
     summary="One repair with its progress",
@@ -243,10 +250,7 @@ async def get_repair(
     rt: RuntimeDep,
     repair_id: str,
 ) -> dict[str, Any]:
-    record = await asyncio.to_thread(rt.repairs.get, repair_id)
-    if record is None:
-        raise HTTPException(404, f"no repair {repair_id!r}")
-    return record
+    return await _repair_or_404(rt, repair_id)
 
 
 @router.post(
@@ -257,9 +261,7 @@ async def cancel_repair(
     rt: RuntimeDep,
     repair_id: str,
 ) -> dict[str, Any]:
-    record = await asyncio.to_thread(rt.repairs.get, repair_id)
-    if record is None:
-        raise HTTPException(404, f"no repair {repair_id!r}")
+    record = await _repair_or_404(rt, repair_id)
     if not await asyncio.to_thread(rt.repairs.request_cancel, repair_id):
         raise HTTPException(409, f"repair {repair_id} is {record['status']}, not in flight")
     return {"repair_id": repair_id, "status": "cancel_requested"}
