@@ -10,7 +10,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
-.PHONY: setup data redis demo demo-predeploy test test-fast lint results-attacks results-predeploy \
+.PHONY: setup data redis tools demo demo-predeploy test test-fast lint results-attacks results-predeploy \
 	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving \
 	results clean
 
@@ -44,7 +44,18 @@ demo-predeploy: setup data
 	$(VENV)/bin/nnoculation attack --dataset fashion-mnist --attack patch --out $(OUT)
 	$(VENV)/bin/nnoculation predeploy --badnet $(OUT) --evaluate-attack --out $(OUT)/predeploy
 
-test: setup data
+# Debian tools the operations tests run for real: promtool (prometheus), chromium + chromedriver.
+tools:
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q $$missing || (apt-get update -q && apt-get install -y -q $$missing)); \
+	  else echo "missing Debian packages:$$missing (run 'sudo apt-get install$$missing')"; exit 1; fi; \
+	fi
+
+test: setup data redis tools
 	$(PY) -m pytest
 
 test-fast: setup
