@@ -17,7 +17,7 @@ import nnoculation
 from service import housekeeping
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContext
-from service.routes import admin, health, predict
+from service.routes import admin, health, predict, ui
 from service.runtime import Runtime
 from service.settings import ServiceSettings
 
@@ -59,6 +59,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
 
     @app.exception_handler(405)
     async def method_not_allowed(request: Request, err: Exception) -> JSONResponse:
