@@ -10,7 +10,7 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
-.PHONY: setup data redis tools demo demo-predeploy test test-fast lint results-attacks results-predeploy \
+.PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
 	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving \
 	results clean
 
@@ -57,6 +57,10 @@ tools:
 
 test: setup data redis tools
 	$(PY) -m pytest
+
+# Refresh docs/images/dashboard.png (docs/operations.md) from the dashboard's browser test.
+docs-screenshots: setup tools
+	NNOC_SCREENSHOT_DIR=docs/images $(PY) -m pytest -q tests/test_dashboard_browser.py
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
