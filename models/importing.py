@@ -10,7 +10,9 @@ so nothing here unpickles arbitrary objects:
 * ``torch.export`` programs (``.pt2``): ``torch.export.load`` is NOT safe on its own in torch
   2.14 (pickle fallbacks for weights and sample inputs, ``sympy.sympify`` of shape expressions,
   ``exec`` of guard code, compiled AOTInductor libraries). The archive is therefore checked
-  against an allow-list before it is loaded, and the graph's operators after.
+  against an allow-list before it is loaded, and the graph's operators after. The module is
+  made trainable (batch norm and dropout follow ``train()`` / ``eval()``) and remembers the
+  program's input ranges for re-export (:mod:`models.exported`).
 
 Every file is read once into memory and checked and loaded from those same bytes
 (:func:`import_net_bytes` takes bytes already read, e.g. by a bundle that checksummed them).
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from models.classifiers import build_classifier, validate_arch_kwargs
+from models.exported import trainable_module
 from models.nets import NET_FORMATS, Net
 from models.spec import InputSpec
 
@@ -334,7 +337,8 @@ def _load_exported(path: Path, data: bytes, archive: zipfile.ZipFile) -> nn.Modu
     except Exception as err:
         raise ValueError(f"{path} is not a loadable torch.export program: {err}") from None
     _check_graph_targets(path, program)
-    return program.module()
+    # Batch norm and dropout follow the module's train/eval mode; the input ranges are kept.
+    return trainable_module(program)
 
 
 def _check_pt2_archive(path: Path, archive: zipfile.ZipFile) -> None:

@@ -20,6 +20,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from models.exported import NotTrainableError, export_dynamic_shapes, training_refusal
 from models.spec import InputSpec
 
 NetFormat = Literal["zoo", "torchscript", "export"]
@@ -36,6 +37,11 @@ PREDICT_BATCH_SIZE = 512
 # torch.export specialises a batch of 1 to a constant; export with 2 and a dynamic batch dim.
 EXPORT_EXAMPLE_BATCH = 2
 SAFETENSORS_FORMAT_TAG = "nnoculation-zoo"
+SAVE_ERROR_CHARS = 600  # torch's export errors run to pages; their start says what went wrong
+
+
+class NetSaveError(ValueError):
+    """A net could not be written in its format (e.g. torch refused to re-export it)."""
 
 
 def exported_batch_dim() -> dict[int, Any]:
@@ -47,13 +53,18 @@ def export_module(module: nn.Module, spec: InputSpec) -> torch.export.ExportedPr
     """Export ``module`` in eval mode (an inference program) with a dynamic batch size.
 
     ``module`` takes the normalised float input of ``spec``; its train/eval mode is restored.
+    A module loaded from a ``torch.export`` program is exported with that program's dynamic
+    dimensions and ranges (e.g. the user's ``Dim("batch", max=4096)``), others with a free
+    batch dimension.
     """
     device = module_device(module)
-    example = torch.zeros((EXPORT_EXAMPLE_BATCH, *spec.shape), device=device)
+    kept = export_dynamic_shapes(module)
+    dynamic_shapes, batch = kept if kept is not None else ((exported_batch_dim(),), None)
+    example = torch.zeros((batch or EXPORT_EXAMPLE_BATCH, *spec.shape), device=device)
     was_training = module.training
     _set_mode(module, False)
     try:
-        return torch.export.export(module, (example,), dynamic_shapes=(exported_batch_dim(),))
+        return torch.export.export(module, (example,), dynamic_shapes=dynamic_shapes)
     finally:
         _set_mode(module, was_training)
 
@@ -140,13 +151,23 @@ class Net:
         return self.scores(images_uint8, batch_size).argmax(dim=1)
 
     def train_mode(self, flag: bool) -> Net:
-        """Switch train/eval mode where the format allows it.
+        """Switch train/eval mode.
 
-        Modules from ``ExportedProgram.module()`` refuse ``.train()`` (``NotImplementedError``
-        in torch 2.14): they keep the mode they were exported in (eval for our exports).
+        ``torch.export`` programs imported by :mod:`models.importing` switch like any module
+        (their batch norm and dropout follow the mode, see :mod:`models.exported`); a bare
+        ``ExportedProgram.module()`` refuses ``.train()`` in torch 2.14 and is left as it is.
         """
         _set_mode(self.module, flag)
         return self
+
+    def check_trainable(self) -> None:
+        """Raise :class:`~models.exported.NotTrainableError` (a ``ValueError``) when training
+        could not give this net its training behaviour (an exported program whose batch norm
+        or dropout mode was fixed at export); training would then silently differ."""
+        reason = training_refusal(self.module)
+        if reason is not None:
+            what = "torch.export program" if self.format == "export" else f"{self.format} net"
+            raise NotTrainableError(f"this {what} cannot be retrained: {reason}")
 
     def to(self, device: torch.device | str) -> Net:
         """Move the module to ``device`` in place; returns ``self``."""
@@ -191,7 +212,15 @@ class Net:
         elif self.format == "torchscript":
             torch.jit.save(cast(torch.jit.ScriptModule, self.module), str(path))
         else:
-            torch.export.save(export_module(self.module, self.spec), str(path))
+            try:
+                program = export_module(self.module, self.spec)
+            except Exception as err:
+                text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                raise NetSaveError(
+                    f"could not export the {stem} as a torch.export program: "
+                    f"{text[:SAVE_ERROR_CHARS] or type(err).__name__}"
+                ) from err
+            torch.export.save(program, str(path))
         return [path]
 
     def manifest_entry(self, file_name: str) -> dict[str, Any]:

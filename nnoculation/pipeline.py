@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
+
 from models.nets import Net
 from models.store import ModelStore
 from nnoculation.bundle_io import write_bundle_dir
@@ -114,7 +116,10 @@ def predeploy_to_dir(
 ) -> PredeployOutcome:
     """Run the search and write ``out_dir/{bundle/, report.json, report.md, heatmap_*.png}``.
 
-    The bundle is written only when a GoodNet was found; the reports always are.
+    The bundle is written only when a GoodNet was found; the reports always are, before it.
+    A bundle that cannot be written (e.g. torch refuses to export a net) raises
+    :class:`PredeploySaveError` naming the pick and the reports, with the GoodNet's weights kept
+    in ``out_dir/goodnet_weights.safetensors``.
     """
     result = run_predeploy(
         badnet,
@@ -136,25 +141,67 @@ def predeploy_to_dir(
     if attack is not None:
         heatmap(result, "test_asr", out_dir / "heatmap_asr.png", "test ASR % (worst trigger)")
     if result.goodnet is not None:
-        write_bundle_dir(
-            out_dir / DEPLOYMENT_DIR,
-            name="deployment",
-            nets={"badnet": badnet, "goodnet": result.goodnet},
-            class_names=splits.retrain.class_names,
-            tensors={VALIDATION_GROUP: validation_tensors(splits)},
-            metrics={
-                "baseline_holdout_ca": result.baseline_ca,
-                "goodnet_holdout_ca": result.picked.holdout_ca if result.picked else None,
-            },
-            provenance={
-                "predeploy": cfg.to_dict(),
-                "alpha": result.picked.alpha if result.picked else None,
-                "gamma": result.picked.gamma if result.picked else None,
-                "source": source or {},
-            },
-            extra_files=files,
-        )
+        try:
+            _write_deployment(out_dir, badnet, result.goodnet, result, splits, source or {}, files)
+        except Exception as err:
+            raise PredeploySaveError(_save_failure(out_dir, result.goodnet, result, err)) from err
     return PredeployOutcome(result, report, out_dir)
+
+
+class PredeploySaveError(ValueError):
+    """The search finished and its reports are written, but the bundle could not be saved."""
+
+
+GOODNET_WEIGHTS = "goodnet_weights.safetensors"
+
+
+def _save_failure(out_dir: Path, goodnet: Net, result: PredeployResult, err: Exception) -> str:
+    """The message for a bundle that could not be written. The GoodNet's weights are kept as
+    plain tensors beside the reports (best effort), so the search is not lost."""
+    where = str(out_dir / "report.json")
+    if result.picked is not None:
+        where = f"alpha = {result.picked.alpha:.4g}, gamma = {result.picked.gamma:.0%}, in {where}"
+    kept = ""
+    state = {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in goodnet.module.state_dict().items()
+    }
+    try:
+        safetensors.torch.save_file(state, str(out_dir / GOODNET_WEIGHTS))
+        kept = f"; the GoodNet's weights (its state dict) are in {out_dir / GOODNET_WEIGHTS}"
+    except Exception:  # the save error is the one to report
+        pass
+    return f"the search finished ({where}) but the bundle could not be written: {err}{kept}"
+
+
+def _write_deployment(
+    out_dir: Path,
+    badnet: Net,
+    goodnet: Net,
+    result: PredeployResult,
+    splits: Splits,
+    source: dict[str, Any],
+    files: dict[str, bytes],
+) -> None:
+    """Write the deployment bundle: both nets, the validation set and the provenance."""
+    write_bundle_dir(
+        out_dir / DEPLOYMENT_DIR,
+        name="deployment",
+        nets={"badnet": badnet, "goodnet": goodnet},
+        class_names=splits.retrain.class_names,
+        tensors={VALIDATION_GROUP: validation_tensors(splits)},
+        metrics={
+            "baseline_holdout_ca": result.baseline_ca,
+            "goodnet_holdout_ca": result.picked.holdout_ca if result.picked else None,
+        },
+        provenance={
+            "predeploy": result.config.to_dict(),
+            "alpha": result.picked.alpha if result.picked else None,
+            "gamma": result.picked.gamma if result.picked else None,
+            "source": source,
+        },
+        extra_files=files,
+    )
 
 
 def publish_deployment(

@@ -190,8 +190,11 @@ def run_predeploy(
 ) -> PredeployResult:
     """Search the grid and return the GoodNet (or ``goodnet=None`` when no cell is within theta).
 
-    ``test`` and ``attack`` are for evaluation only: they never influence the choice.
+    ``test`` and ``attack`` are for evaluation only: they never influence the choice. A BadNet
+    that cannot be retrained with training behaviour is refused before any cell is trained
+    (:class:`models.exported.NotTrainableError`).
     """
+    badnet.check_trainable()
     start = time.perf_counter()
     evaluation_seconds = 0.0  # evaluation-only work, kept out of the search's cost
     baseline_ca = clean_accuracy(badnet, holdout)

@@ -125,8 +125,11 @@ def train(
     Batches are drawn from a generator seeded with ``cfg.seed`` and dropout from torch's global
     RNG seeded with it inside a scope that restores the caller's RNG state afterwards, so the
     same inputs give the same weights on the same machine and the caller's random draws are
-    not disturbed.
+    not disturbed. A net that cannot get its training behaviour (an exported program whose
+    batch norm or dropout mode was fixed at export) is refused:
+    :class:`models.exported.NotTrainableError`.
     """
+    net.check_trainable()
     if distill is not None and (callable(data) or len(data) != distill.mask.shape[0]):
         raise ValueError("distillation needs a fixed training set with one teacher row per image")
     device = next(net.module.parameters()).device

@@ -98,7 +98,7 @@ def test_export_round_trip_keeps_a_dynamic_batch(exported_file: Path) -> None:
     reference = zoo_net()
     for n in (1, 5):
         assert torch.allclose(loaded.logits(images(n)), reference.logits(images(n)), atol=1e-5)
-    loaded.train_mode(True)  # exported modules refuse .train(); Net leaves them as they are
+    loaded.train_mode(True)  # predict() answers in eval mode whatever the net's mode
     assert torch.equal(loaded.predict(images()), reference.predict(images()))
     resaved = loaded.save(exported_file.parent, "resaved")[0]
     again = Net.load(exported_file.parent, {**entry, "file": resaved.name}, SPEC, NUM_CLASSES)

@@ -456,6 +456,8 @@ def repair(
     lr, optimizer, theta, baseline = _settings(bundle, cfg)
     val = bundle_validation(bundle)
     badnet, goodnet = bundle.net("badnet"), bundle.net("goodnet")
+    for net in (badnet, goodnet):  # refused now, not after the trigger model's minutes
+        net.check_trainable()
     g = torch.Generator().manual_seed(cfg.seed)
     pick = torch.randperm(len(val.retrain), generator=g)[: cfg.domain_a_size]
     domain_a = val.retrain.images[pick]
