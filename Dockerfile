@@ -40,16 +40,17 @@ LABEL org.opencontainers.image.title="nnoculation" \
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it.
 RUN groupadd --system --gid 10001 nnoc \
     && useradd --system --uid 10001 --gid nnoc --home-dir /var/lib/nnoc --no-create-home nnoc \
-    && mkdir -p /var/lib/nnoc/store /var/lib/nnoc/spool \
+    && mkdir -p /var/lib/nnoc/store /var/lib/nnoc/store-cache /var/lib/nnoc/spool \
     && chown -R nnoc:nnoc /var/lib/nnoc
 COPY --from=build /opt/venv /opt/venv
 # Writable places are /tmp (the CLI's metrics folder, matplotlib's cache) and /var/lib/nnoc
-# (store and spool volumes), so the root filesystem can be mounted read-only.
+# (store, the local cache of an s3:// store, spool), so the root filesystem can be read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     NNOC_STORE_ROOT=/var/lib/nnoc/store \
+    NNOC_STORE_CACHE_DIR=/var/lib/nnoc/store-cache \
     NNOC_SPOOL_DIR=/var/lib/nnoc/spool
 WORKDIR /var/lib/nnoc
 USER 10001:10001

@@ -478,7 +478,8 @@ def test_compose_store_is_one_volume_and_every_written_path_is_mounted() -> None
         service, env = services[name], services[name]["environment"]
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
         mounted = mounts(service)
-        written = [env["NNOC_STORE_ROOT"]] + ([env["NNOC_SPOOL_DIR"]] if name == "api" else [])
+        written = [env["NNOC_STORE_ROOT"], env["NNOC_STORE_CACHE_DIR"]]
+        written += [env["NNOC_SPOOL_DIR"]] if name == "api" else []
         for path in written:
             assert path in mounted and mounted[path] in doc["volumes"], (name, path)
         stores.add(mounted[env["NNOC_STORE_ROOT"]])
@@ -489,6 +490,18 @@ def test_compose_store_is_one_volume_and_every_written_path_is_mounted() -> None
                 assert (ROOT / source).exists(), f"{name} mounts missing {source}"
             else:
                 assert source in doc["volumes"], (name, source)
+
+
+def test_compose_takes_the_s3_store_from_env_files() -> None:
+    s3 = interpolate(compose_raw(), COMPOSE_ENV | {"NNOC_STORE_ROOT": "s3://bucket/nnoc"})
+    for name, cls in SETTINGS_OF.items():
+        service = s3["services"][name]
+        assert service["environment"]["NNOC_STORE_ROOT"] == "s3://bucket/nnoc"
+        check_settings(service["environment"], cls, f"compose {name} with S3")
+        # Optional: compose must start without it (the volume store needs no credentials).
+        assert service["env_file"] == [{"path": "./s3.env", "required": False}]
+        cache = service["environment"]["NNOC_STORE_CACHE_DIR"]
+        assert mounts(service)[cache] in s3["volumes"], name
 
 
 def test_compose_prometheus_scrapes_the_api_and_the_worker() -> None:
@@ -635,6 +648,8 @@ def test_k8s_gpu_worker_is_the_worker_plus_a_gpu() -> None:
 def test_k8s_settings_are_real_and_valid() -> None:
     config = k8s_objects()["ConfigMap", "nnoc-config"]["data"]
     check_settings(config, CommonSettings, "ConfigMap nnoc-config (read by API and worker)")
+    s3_config = config | {"NNOC_STORE_ROOT": "s3://bucket/nnoc"}  # the documented alternative
+    check_settings(s3_config, CommonSettings, "ConfigMap nnoc-config with the S3 store")
     secret = k8s_objects()["Secret", "nnoc-admin"]["stringData"]
     assert set(secret) == {"NNOC_ADMIN_TOKEN"}
     for name, cls in (("nnoc-api", ServiceSettings), ("nnoc-worker", WorkerSettings)):
@@ -663,9 +678,8 @@ def test_k8s_pods_run_read_only_as_the_image_user_with_every_written_path_mounte
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounted = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"]}
         env = container_env(obj)
-        written = ["/tmp", env["NNOC_STORE_ROOT"], env.get("NNOC_SPOOL_DIR", "spool")]
-        if name == "nnoc-worker":
-            written = [w for w in written if w != "spool"] + [env["NNOC_WORK_DIR"]]
+        written = ["/tmp", env["NNOC_STORE_ROOT"], env["NNOC_STORE_CACHE_DIR"]]
+        written += [env["NNOC_SPOOL_DIR"]] if name == "nnoc-api" else [env["NNOC_WORK_DIR"]]
         for path in written:
             assert path in mounted, (name, path)
         # The CLI empties PROMETHEUS_MULTIPROC_DIR by removing it: it must lie inside a mount.
