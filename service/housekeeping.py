@@ -85,7 +85,9 @@ def refresh_gauges(rt: Runtime) -> None:
     records = rt.repairs.recent()
     for status in STATUSES:
         m.repairs.labels(status=status).set(sum(r["status"] == status for r in records))
-    m.repair_in_flight.set(int(any(r["status"] in IN_FLIGHT for r in records)))
+    in_flight = [float(r["created"]) for r in records if r["status"] in IN_FLIGHT]
+    m.repair_in_flight.set(int(bool(in_flight)))
+    m.repair_started.set(min(in_flight, default=0.0))
 
 
 def reconcile(rt: Runtime) -> list[str]:

@@ -125,6 +125,10 @@ class ServiceMetrics:
             "nnoc_repair_in_flight", "1 while a repair is queued or running", registry=r,
             multiprocess_mode="livemax",
         )  # fmt: skip
+        self.repair_started = Gauge(
+            "nnoc_repair_started_timestamp_seconds", "Unix time the repair in flight was "
+            "started (queued); 0 while none is", registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.active_version = Gauge(
             "nnoc_active_version_info", "1 for the version this process serves",
             ["version"], registry=r, multiprocess_mode="liveall",
