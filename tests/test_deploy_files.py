@@ -371,7 +371,7 @@ def test_the_image_install_ships_every_package_file(tmp_path: Path) -> None:
         (src / name).write_bytes((ROOT / name).read_bytes())
     done = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "--quiet", "--wheel-dir", str(tmp_path / "out"), str(src)],
+         "--no-cache-dir", "--quiet", "--wheel-dir", str(tmp_path / "out"), str(src)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
