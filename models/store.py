@@ -1,4 +1,5 @@
-"""The model store: versioned bundles per deployment, an active pointer, atomic publish.
+"""The local model store (the default backend of :class:`models.store_base.BundleStore`):
+versioned bundles per deployment, an active pointer, atomic publish.
 
 Layout under ``root`` (a local directory, or a shared volume in a cluster)::
 
@@ -11,6 +12,8 @@ Layout under ``root`` (a local directory, or a shared volume in a cluster)::
 Publishing writes the bundle into a temp dir, fsyncs it and renames it into place, so readers
 never see half a bundle; the ACTIVE pointer is swapped with ``os.replace`` (a new inode every
 time, which is what :meth:`ModelStore.active_token` lets pollers notice with one ``stat``).
+The store's names and errors live in :mod:`models.store_names` and are re-exported here;
+:mod:`models.s3_store` is the object-storage backend.
 """
 
 from __future__ import annotations
@@ -19,102 +22,84 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from models.bundle import (
-    Bundle,
-    Manifest,
-    load_bundle,
-    read_manifest,
-    utc_now_iso,
-    verify_bundle,
-    write_manifest,
-)
+from models.bundle import Manifest, read_manifest, verify_bundle, write_manifest
 from models.durable import fsync_path, fsync_tree
+from models.store_base import (
+    DEFAULT_STALE_TMP_SECONDS,
+    MAX_PUBLISH_ATTEMPTS,
+    Build,
+    BundleStore,
+)
+from models.store_names import (
+    DEPLOYMENT_PATTERN,
+    VERSION_DIGITS,
+    VERSION_PATTERN,
+    VERSION_PREFIX,
+    ActiveVersionError,
+    InvalidNameError,
+    RepairLockedError,
+    StoreError,
+    StoreUnavailableError,
+    UnknownDeploymentError,
+    UnknownVersionError,
+    check_deployment,
+    format_version,
+    next_version,
+    version_number,
+)
 
-DEPLOYMENT_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-VERSION_PREFIX = "v"
-VERSION_DIGITS = 4
-VERSION_PATTERN = re.compile(rf"^{VERSION_PREFIX}(\d{{{VERSION_DIGITS},}})$")
+__all__ = [
+    "DEFAULT_STALE_TMP_SECONDS",
+    "DEPLOYMENT_PATTERN",
+    "MAX_PUBLISH_ATTEMPTS",
+    "VERSION_DIGITS",
+    "VERSION_PATTERN",
+    "VERSION_PREFIX",
+    "ActiveToken",
+    "ActiveVersionError",
+    "BundleStore",
+    "InvalidNameError",
+    "ModelStore",
+    "RepairLockedError",
+    "StoreError",
+    "StoreUnavailableError",
+    "UnknownDeploymentError",
+    "UnknownVersionError",
+    "format_version",
+    "version_number",
+]
+
 VERSIONS_DIR = "versions"
 DELETED_DIR = "deleted"  # tombstones: a deleted version's id is never given out again
 ACTIVE_FILE = "ACTIVE"
 REPAIR_LOCK_FILE = ".repair.lock"
 TMP_PREFIX = ".tmp-"
-# Publishers that lose the race for a version id retry with the next one this many times.
-MAX_PUBLISH_ATTEMPTS = 100
-# cleanup() leaves younger temp dirs alone: they may belong to a publish still running.
-DEFAULT_STALE_TMP_SECONDS = 3600.0
-
-
-class StoreError(Exception):
-    """Base class of model store errors."""
-
-
-class InvalidNameError(StoreError, ValueError):
-    """A deployment or version name that is malformed or could escape the store root."""
-
-
-class UnknownDeploymentError(StoreError, KeyError):
-    """The deployment has never been published to."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class ActiveVersionError(StoreError):
-    """The operation would remove the version that is active."""
-
-
-class UnknownVersionError(StoreError, KeyError):
-    """The deployment has no such version, or none is active."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class RepairLockedError(StoreError):
-    """Another process holds the deployment's repair lock (a repair of it is running)."""
-
 
 ActiveToken = tuple[int, int, int]
 """``(st_mtime_ns, st_ino, st_size)`` of a deployment's ACTIVE file: changes whenever the
 active pointer is swapped."""
 
 
-def format_version(number: int) -> str:
-    """Version id for a sequence number: 1 -> ``v0001``."""
-    return f"{VERSION_PREFIX}{number:0{VERSION_DIGITS}d}"
+class ModelStore(BundleStore):
+    """Versioned bundles under one local root; see the module docstring for the layout."""
 
-
-def version_number(version: str) -> int:
-    """Sequence number of a version id: ``v0001`` -> 1; ``InvalidNameError`` if malformed."""
-    match = VERSION_PATTERN.match(version)
-    if not match:
-        raise InvalidNameError(f"invalid version id {version!r}; expected like {format_version(1)}")
-    return int(match.group(1))
-
-
-class ModelStore:
-    """Versioned bundles under one root; see the module docstring for the layout."""
-
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
 
     # --- names and paths ---
 
     def _deployment_dir(self, deployment: str, *, must_exist: bool = True) -> Path:
-        if not isinstance(deployment, str) or not DEPLOYMENT_PATTERN.match(deployment):
-            raise InvalidNameError(
-                f"invalid deployment name {deployment!r}: use letters, digits, '_', '.', '-' "
-                "and do not start with '.' or '-'"
-            )
-        directory = self.root / deployment
+        directory = self.root / check_deployment(deployment)
         if must_exist and not directory.is_dir():
             raise UnknownDeploymentError(f"unknown deployment {deployment!r} in {self.root}")
         return directory
@@ -154,7 +139,7 @@ class ModelStore:
     def publish(
         self,
         deployment: str,
-        build: Callable[[Path, str], Manifest],
+        build: Build,
         parent: str | None = None,
         *,
         activate: bool = False,
@@ -176,11 +161,7 @@ class ModelStore:
         try:
             version = self._next_version(deployment)
             manifest = build(tmp, version)
-            if manifest.version != version or manifest.parent != parent:
-                raise ValueError(
-                    f"build wrote version {manifest.version!r} (parent {manifest.parent!r}); "
-                    f"the store asked for {version!r} (parent {parent!r})"
-                )
+            self._check_built(manifest, version, parent)
             verify_bundle(tmp)
             fsync_tree(tmp)
             for _attempt in range(MAX_PUBLISH_ATTEMPTS):
@@ -190,9 +171,7 @@ class ModelStore:
                 except OSError as err:
                     if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                         raise
-                version = format_version(
-                    max(version_number(version), *self._numbers(deployment)) + 1
-                )
+                version = next_version(self._numbers(deployment), version)
                 manifest = manifest.model_copy(update={"version": version})
                 write_manifest(tmp, manifest)
                 fsync_path(tmp)
@@ -205,42 +184,6 @@ class ModelStore:
         if activate:
             self.activate(deployment, version)
         return version
-
-    def import_bundle(self, deployment: str, source_dir: Path, *, activate: bool = False) -> str:
-        """Copy the bundle in ``source_dir`` into the store as a new version; returns its id.
-
-        The source's checksums are verified first (``BundleIntegrityError`` for a tampered or
-        incomplete bundle), and the copy is verified again against the same manifest before it
-        is published, so a file changed while copying is refused too. The new version's
-        manifest carries the id the store allocated and no parent (the source's version and
-        parent are kept in ``provenance["imported"]``). Only the files the manifest lists are
-        copied.
-        """
-        source = Path(source_dir)
-        manifest = verify_bundle(source)
-        root = source.resolve()
-
-        def build(tmp: Path, version: str) -> Manifest:
-            for rel in sorted(manifest.files):
-                origin = (source / rel).resolve()
-                if not origin.is_relative_to(root):  # verify_bundle refused this already
-                    raise StoreError(f"{source}: listed file {rel!r} lies outside the bundle")
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(origin, target)
-            provenance = dict(manifest.provenance)
-            provenance["imported"] = {
-                "source_version": manifest.version,
-                "source_parent": manifest.parent,
-                "at": utc_now_iso(),
-            }
-            imported = manifest.model_copy(
-                update={"version": version, "parent": None, "provenance": provenance}
-            )
-            write_manifest(tmp, imported)
-            return imported
-
-        return self.publish(deployment, build, None, activate=activate)
 
     def _numbers(self, deployment: str) -> list[int]:
         tombstones = self._deployment_dir(deployment) / DELETED_DIR
@@ -264,7 +207,7 @@ class ModelStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _next_version(self, deployment: str) -> str:
-        return format_version(max(self._numbers(deployment), default=0) + 1)
+        return next_version(self._numbers(deployment))
 
     # --- the active pointer ---
 
@@ -306,31 +249,6 @@ class ModelStore:
             raise
         fsync_path(deployment_dir)
 
-    def rollback(self, deployment: str, version: str | None = None) -> str:
-        """Activate ``version``, or else the active version's parent (else the one before it).
-
-        Returns the version now active.
-        """
-        if version is None:
-            version = self._rollback_target(deployment)
-        self.activate(deployment, version)
-        return version
-
-    def _rollback_target(self, deployment: str) -> str:
-        current = self.active(deployment)
-        if current is None:
-            raise UnknownVersionError(f"deployment {deployment!r} has no active version")
-        published = self.versions(deployment)
-        parent = self.manifest(deployment, current).parent
-        if parent is not None and parent in published:
-            return parent
-        earlier = [v for v in published if version_number(v) < version_number(current)]
-        if not earlier:
-            raise UnknownVersionError(
-                f"deployment {deployment!r}: nothing to roll back to from {current!r}"
-            )
-        return earlier[-1]
-
     # --- repairs ---
 
     @contextlib.contextmanager
@@ -364,16 +282,6 @@ class ModelStore:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
-
-    # --- reading ---
-
-    def load(self, deployment: str, version: str | None = None) -> Bundle:
-        """Open (and checksum) a version's bundle; the active one by default."""
-        if version is None:
-            version = self.active(deployment)
-            if version is None:
-                raise UnknownVersionError(f"deployment {deployment!r} has no active version")
-        return load_bundle(self.path(deployment, version))
 
     # --- housekeeping ---
 

@@ -20,20 +20,21 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
-from models.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle, read_manifest
+from models.bundle import MANIFEST_NAME, Bundle, Manifest, load_bundle
 from models.classifiers import ARCHITECTURES, ArchKwargsError, validate_arch_kwargs
 from models.importing import import_net
 from models.nets import Net
 from models.registry import Registry
 from models.spec import InputSpec
-from models.store import (
+from models.store_base import BundleStore
+from models.store_names import (
     DEPLOYMENT_PATTERN,
-    ModelStore,
     RepairLockedError,
     StoreError,
     format_version,
     version_number,
 )
+from models.store_open import open_store
 from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
@@ -290,13 +291,13 @@ def _check_arch_kwargs(args: argparse.Namespace) -> None:
         raise UsageError(f"--arch-kwargs: {err}") from None
 
 
-def _store_target(args: argparse.Namespace) -> tuple[ModelStore, str] | None:
+def _store_target(args: argparse.Namespace) -> tuple[BundleStore, str] | None:
     """The store and deployment named by ``--store`` / ``--deployment`` (both or neither)."""
     if (args.store is None) != (args.deployment is None):
         raise UsageError("--store and --deployment go together")
     if args.store is None:
         return None
-    return ModelStore(Path(args.store)), args.deployment
+    return _store(args), args.deployment
 
 
 def cmd_predeploy(args: argparse.Namespace) -> int:
@@ -334,7 +335,7 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
     if target is not None:
         store, deployment = target
         version = publish_deployment(outcome, store, deployment, activate=True)
-        print(f"published to store {store.root} as {deployment} {version} (active)")
+        print(f"published to store {store.location} as {deployment} {version} (active)")
     return 0
 
 
@@ -478,7 +479,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def _repair_in_store(
-    args: argparse.Namespace, cfg: RepairConfig, store: ModelStore, deployment: str
+    args: argparse.Namespace, cfg: RepairConfig, store: BundleStore, deployment: str
 ) -> int:
     """Repair the active version under the deployment's repair lock and publish the result as
     a new version (id from the store, parent the repaired version), active unless
@@ -508,8 +509,13 @@ def _repair_in_store(
     return 0
 
 
-def _store(args: argparse.Namespace) -> ModelStore:
-    return ModelStore(Path(args.store))
+def _store(args: argparse.Namespace) -> BundleStore:
+    """The store ``--store`` names: a directory or ``s3://bucket/prefix`` (read through the
+    cache directory ``$NNOC_STORE_CACHE_DIR``, as the API and the worker do)."""
+    from nnoculation.online.settings import ENV_PREFIX, CommonSettings
+
+    default = CommonSettings.model_fields["store_cache_dir"].default
+    return open_store(args.store, Path(os.environ.get(f"{ENV_PREFIX}STORE_CACHE_DIR", default)))
 
 
 def cmd_store_import(args: argparse.Namespace) -> int:
@@ -532,7 +538,7 @@ def cmd_store_list(args: argparse.Namespace) -> int:
     print(f"  {'version':8s} {'parent':8s} created")
     for version in versions:
         try:
-            manifest = read_manifest(store.path(args.deployment, version))
+            manifest = store.manifest(args.deployment, version)
             parent, created = manifest.parent or "-", manifest.created
         except ValueError as err:  # an unreadable manifest is listed, not fatal
             parent, created = "?", f"unreadable manifest: {err}"
@@ -566,7 +572,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _add_store_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
-    p.add_argument("--store", required=required, help=" ".join(["model store root", what]).strip())
+    p.add_argument(
+        "--store",
+        required=required,
+        help=" ".join(["model store (a directory or s3://bucket/prefix)", what]).strip(),
+    )
     p.add_argument(
         "--deployment", required=required, type=_deployment_name, help="deployment name in it"
     )

@@ -18,7 +18,7 @@ import torch
 from models.bundle import Bundle
 from models.nets import Net
 from models.spec import InputSpec
-from models.store import ModelStore
+from models.store_base import BundleStore
 from nnoculation.ensemble import ensemble_rule
 from nnoculation.pipeline import VALIDATION_GROUP
 
@@ -117,7 +117,7 @@ class LoadedDeployment:
 
 
 def load_deployment(
-    store: ModelStore,
+    store: BundleStore,
     deployment: str,
     version: str | None = None,
     device: str | torch.device | None = None,

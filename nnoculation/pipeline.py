@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 
 from models.nets import Net
-from models.store import ModelStore
+from models.store_base import BundleStore
 from nnoculation.bundle_io import write_bundle_dir
 from nnoculation.data.splits import Splits
 from nnoculation.predeploy import PredeployConfig, PredeployResult, run_predeploy
@@ -205,7 +205,7 @@ def _write_deployment(
 
 
 def publish_deployment(
-    outcome: PredeployOutcome, store: ModelStore, deployment: str, *, activate: bool = True
+    outcome: PredeployOutcome, store: BundleStore, deployment: str, *, activate: bool = True
 ) -> str | None:
     """Publish the deployment bundle that :func:`predeploy_to_dir` wrote into ``store`` as a
     new version of ``deployment`` (checksums verified, id allocated by the store, no parent),

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 import torch
 
-from models.store import ModelStore
+from models.store_base import BundleStore
 from nnoculation.deployment import Classified, LoadedDeployment
 from nnoculation.inputs import DecodePolicy
 from nnoculation.online.connection import connect
@@ -48,7 +48,7 @@ def infer_badnet_alone(model: LoadedDeployment, images: torch.Tensor) -> Classif
 class Runtime:
     settings: ServiceSettings
     metrics: ServiceMetrics
-    store: ModelStore
+    store: BundleStore
     keys: Keys
     redis: redis.Redis
     quarantine: Quarantine
@@ -82,7 +82,7 @@ class Runtime:
         torch.set_num_threads(settings.torch_threads())
         keys = Keys(settings.key_prefix, settings.deployment)
         client = connect(settings.redis_url, settings.redis_timeout_s)
-        store = ModelStore(settings.store_root)
+        store = settings.open_store()
         slot = ModelSlot()
         quarantine = Quarantine(client, keys, settings.quarantine_cap)
         repairs = Repairs(client, keys, settings.repair_timeout_s)

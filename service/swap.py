@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import redis
 
-from models.store import ModelStore, StoreError
+from models.store_base import BundleStore
+from models.store_names import StoreError
 from nnoculation.deployment import LoadedDeployment, load_deployment
 from nnoculation.online.announce import Announcement
 from nnoculation.online.keys import Keys
@@ -60,7 +61,7 @@ class Swapper:
 
     def __init__(
         self,
-        store: ModelStore,
+        store: BundleStore,
         deployment: str,
         slot: ModelSlot,
         *,

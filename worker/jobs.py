@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from rq import get_current_job
 
-from models.store import ModelStore, RepairLockedError
+from models.store_base import BundleStore
+from models.store_names import RepairLockedError
 from nnoculation.deployment import resolve_device
 from nnoculation.online.announce import announce_activation
 from nnoculation.online.connection import connect
@@ -64,7 +65,7 @@ class Context:
     """What a job needs, built from the worker's settings."""
 
     settings: WorkerSettings
-    store: ModelStore
+    store: BundleStore
     quarantine: Quarantine
     repairs: Repairs
 
@@ -74,7 +75,7 @@ class Context:
         keys = Keys(settings.key_prefix, settings.deployment)
         return cls(
             settings,
-            ModelStore(settings.store_root),
+            settings.open_store(),
             Quarantine(client, keys, settings.quarantine_cap),
             Repairs(client, keys, settings.repair_timeout_s),
         )

@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 from rq import Worker
 
-from models.store import ModelStore
 from nnoculation.online.keys import Keys
 from nnoculation.online.quarantine import Quarantine
 from nnoculation.online.reconcile import reconcile_once
@@ -31,7 +30,7 @@ def reconcile_loop(settings: WorkerSettings, stop: threading.Event) -> None:
     keys = Keys(settings.key_prefix, settings.deployment)
     repairs = Repairs(client, keys, settings.repair_timeout_s)
     quarantine = Quarantine(client, keys, settings.quarantine_cap)
-    store = ModelStore(settings.store_root)
+    store = settings.open_store()
     holder = f"worker-{socket.gethostname()}-{os.getpid()}"
     while not stop.wait(settings.reconcile_interval_s):
         try:

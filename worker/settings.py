@@ -27,7 +27,8 @@ class WorkerSettings(CommonSettings):
     work_dir: Path | None = Field(
         None,
         description="CycleGAN checkpoints of running repairs, "
-        "so a killed repair resumes (default: <store_root>/.work)",
+        "so a killed repair resumes (default: <store_root>/.work, "
+        "or <store_cache_dir>/.work for an s3:// store)",
     )
     metrics_port: int = Field(
         9101, ge=0, le=65535, description="port of the worker's /metrics (0: none)"
@@ -60,5 +61,8 @@ class WorkerSettings(CommonSettings):
         return RepairConfig.from_dict(data)
 
     def checkpoint_dir(self, repair_id: str) -> Path:
-        root = self.work_dir if self.work_dir is not None else self.store_root / ".work"
+        if self.work_dir is not None:
+            root = self.work_dir
+        else:  # beside the bundles: the store's directory, or the cache of an s3:// store
+            root = (self.local_store_dir() or self.store_cache_dir) / ".work"
         return root / self.deployment / repair_id

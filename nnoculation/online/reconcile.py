@@ -3,7 +3,8 @@ every API process; a short Redis lock lets only one of them act per interval."""
 
 from __future__ import annotations
 
-from models.store import ModelStore, StoreError
+from models.store_base import BundleStore
+from models.store_names import StoreError
 from nnoculation.online.quarantine import Quarantine
 from nnoculation.online.repairs import Repairs
 
@@ -11,7 +12,7 @@ from nnoculation.online.repairs import Repairs
 def reconcile_once(
     repairs: Repairs,
     quarantine: Quarantine,
-    store: ModelStore,
+    store: BundleStore,
     n: int,
     holder: str,
     interval_s: float,

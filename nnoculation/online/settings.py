@@ -6,13 +6,20 @@ so a variable means the same thing to the API and the worker (README, "Settings"
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from models.store_names import StoreError
+from models.store_open import check_location, is_remote, open_store
 from nnoculation.online.keys import check_name
+
+if TYPE_CHECKING:
+    from models.store_base import BundleStore
 
 ENV_PREFIX = "NNOC_"
 DEFAULT_N = 200  # sec. 4.2.2: the quarantine size that starts a repair
@@ -29,10 +36,15 @@ class CommonSettings(BaseSettings):
     )
     key_prefix: str = Field("nnoc", description="prefix of every Redis key")
     deployment: str = Field("default", description="deployment name in the store and in Redis")
-    store_root: Path = Field(
-        Path("store"),
-        description="model store root (a shared volume "
-        "when API and worker run on different machines)",
+    store_root: str = Field(
+        "store",
+        description="model store: a directory (a shared volume when API and worker run on "
+        "different machines) or object storage as s3://bucket/prefix",
+    )
+    store_cache_dir: Path = Field(
+        Path("store-cache"),
+        description="local verified copies of the bundles of an s3:// store "
+        "(unused with a directory store)",
     )
     device: str = Field(
         "auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ..."
@@ -82,6 +94,27 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _deployment_ok(cls, value: str) -> str:
         return check_name("deployment name", value)
+
+    @field_validator("store_root", mode="before")
+    @classmethod
+    def _store_root_text(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("store_root")
+    @classmethod
+    def _store_root_ok(cls, value: str) -> str:
+        try:
+            return check_location(value)
+        except StoreError as err:
+            raise ValueError(str(err)) from None
+
+    def open_store(self) -> BundleStore:
+        """The model store these settings name (directory or ``s3://``)."""
+        return open_store(self.store_root, self.store_cache_dir)
+
+    def local_store_dir(self) -> Path | None:
+        """The store's directory, or ``None`` when the store is object storage."""
+        return None if is_remote(self.store_root) else Path(self.store_root)
 
     @field_validator("redis_url")
     @classmethod

@@ -49,7 +49,8 @@ from torchvision.utils import make_grid
 from models.bundle import Bundle, Manifest, write_bundle
 from models.cyclegan import CYCLEGAN_PROFILES
 from models.nets import Net
-from models.store import ModelStore, UnknownVersionError
+from models.store_base import BundleStore
+from models.store_names import UnknownVersionError
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
@@ -570,7 +571,7 @@ def write_repaired_bundle(
     outcome: RepairOutcome, parent: Bundle, directory: Path, version: str
 ) -> Manifest:
     """Write the repaired deployment (a new version whose parent is ``parent``) into
-    ``directory``; matches :meth:`models.store.ModelStore.publish`'s ``build`` signature once
+    ``directory``; matches :meth:`models.store_base.BundleStore.publish`'s ``build`` signature once
     ``outcome`` and ``parent`` are bound. Refuses an outcome that failed the gate."""
     import json
 
@@ -616,7 +617,7 @@ class StoreRepair:
 
 
 def repair_in_store(
-    store: ModelStore,
+    store: BundleStore,
     deployment: str,
     quarantine: torch.Tensor | Callable[[Bundle], torch.Tensor],
     cfg: RepairConfig,
@@ -631,7 +632,7 @@ def repair_in_store(
     Holds the deployment's repair lock throughout (``RepairLockedError`` at once if another
     process holds it, unless ``wait_for_lock``). ``quarantine`` is the uint8 tensor, or a
     function that makes it from the bundle being repaired (e.g. to read a file with its input
-    spec). A repair that passes the gate is published with :meth:`ModelStore.publish`: a new
+    spec). A repair that passes the gate is published with :meth:`BundleStore.publish`: a new
     version id allocated by the store, parent the repaired version, activated unless
     ``activate`` is False; one that fails it publishes nothing. ``repair_kwargs`` go to
     :func:`repair` (``on_progress``, ``should_cancel``, ``device``, ``test``, ...).
