@@ -40,7 +40,7 @@ from models.store_open import open_store
 from nnoculation.benchmarks.processes import Child, free_port, redis_server, wait_until
 from nnoculation.cli import main
 from nnoculation.online.settings import CommonSettings
-from tests.online import DEPLOYMENT, ApiServer, new_prefix, online_env
+from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, ApiServer, new_prefix, online_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(1, 8, 8, (0.5,), (0.5,))
@@ -356,6 +356,49 @@ def test_settings_take_a_directory_or_a_checked_s3_url(tmp_path: Path) -> None:
         [sys.executable, "-c", without_boto3], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode != 0 and "pip install 'nnoculation[s3]'" in done.stderr
+
+
+def test_a_repair_job_publishes_into_the_bucket(
+    bucket: str, tmp_path: Path, tiny_deployment: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's job path on S3: the lease lock, the engine, publish and activate."""
+    import redis
+
+    from nnoculation.online.keys import Keys
+    from nnoculation.online.quarantine import QuarantineEntry
+    from tests.conftest import synthetic_set
+    from tests.deployment_fixtures import triggered
+    from worker.jobs import Context, execute
+    from worker.settings import WorkerSettings
+
+    source, attack, _ = tiny_deployment
+    S3Store(bucket, tmp_path / "publisher").import_bundle(DEPLOYMENT, source, activate=True)
+    prefix = new_prefix()
+    for key, value in {
+        "REDIS_URL": DEFAULT_REDIS_URL, "KEY_PREFIX": prefix, "DEPLOYMENT": DEPLOYMENT,
+        "STORE_ROOT": bucket, "STORE_CACHE_DIR": str(tmp_path / "worker-cache"),
+        "REPAIR_PROFILE": "mean-diff", "REPAIR_OPTIONS": '{"theta": 0.9, "finetune_epochs": 2}',
+    }.items():  # fmt: skip
+        monkeypatch.setenv(f"NNOC_{key}", value)
+    settings = WorkerSettings()
+    assert settings.checkpoint_dir("r1") == tmp_path / "worker-cache" / ".work" / DEPLOYMENT / "r1"
+    ctx = Context.from_settings(settings)
+    try:
+        for image in triggered(attack, synthetic_set(40, seed=71).images):
+            ctx.quarantine.add(QuarantineEntry(image, 0, 1, "v0001", 0.0))
+        rid = ctx.repairs.start("v0001", "admin", 40).repair_id
+        result = execute(ctx, rid, 1)
+        assert result["status"] == "published" and result["version"] == "v0002", result
+        reader = S3Store(bucket, tmp_path / "reader")
+        assert reader.active(DEPLOYMENT) == "v0002"
+        assert reader.manifest(DEPLOYMENT, "v0002").parent == "v0001"
+        assert reader.load(DEPLOYMENT).manifest.provenance["repairs"]
+        assert not reader.objects.exists(reader.where.key(DEPLOYMENT, "REPAIR_LOCK"))
+    finally:
+        client = redis.Redis.from_url(DEFAULT_REDIS_URL)
+        for key in client.scan_iter(f"{prefix}:*"):
+            client.delete(key)
+        client.delete(f"rq:queue:{Keys(prefix, DEPLOYMENT).queue}")
 
 
 def test_two_api_processes_sharing_only_the_bucket_converge(
