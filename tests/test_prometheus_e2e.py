@@ -28,7 +28,13 @@ from tests.online import (
     poisoned_pngs,
     publish,
 )
-from tests.test_monitoring import PROM_DIR, exported_metric_names, k8s_config_with_file_sd
+from tests.test_monitoring import (
+    PROM_DIR,
+    all_panels,
+    dashboard,
+    exported_metric_names,
+    k8s_config_with_file_sd,
+)
 
 T = TypeVar("T")
 PNG = {"content-type": "image/png"}
@@ -36,6 +42,15 @@ NAMESPACE = "nnoc-e2e"
 RULE_GROUPS = {"nnoculation-quarantine", "nnoculation-repairs", "nnoculation-serving"}
 # Alerts that would be pending or firing if the job names, labels or version gauges were wrong.
 MUST_STAY_QUIET = {"NnocNoActiveModel", "NnocVersionSkew", "NnocNoWorker", "NnocHigh5xxRate"}
+# Dashboard panels that must show data after the test's traffic.
+MUST_SHOW_DATA = {
+    "Request rate by route", "Errors by route and status",
+    "Request duration by route (p50 / p95 / p99)", "Predictions by outcome",
+    "Predictions by model version", "Disagreement rate", "Quarantine size",
+    "Pending inputs by BadNet label", "Quarantine writes by result", "Version per process",
+    "Processes per version", "Repair in flight", "Recent repairs by status", "Batch sizes",
+    "Batch queue depth", "Queue wait and inference (p95)", "Targets up",
+}  # fmt: skip
 
 
 def pod(name: str, port: int, component: str, **meta: str) -> dict[str, Any]:
@@ -213,6 +228,27 @@ def check_targets_and_rules(prometheus: Prometheus) -> None:
     assert {"nnoc_repairs_total", "nnoc_repair_duration_seconds_bucket"} <= scraped
 
 
+def check_dashboard_queries(prometheus: Prometheus) -> None:
+    """Every query of the Grafana dashboard (panels and annotations) is valid PromQL for the
+    real server, and the panels that must show something after the traffic do."""
+    board = dashboard()
+    queries = [(p["title"], t["expr"]) for p in all_panels(board) for t in p.get("targets", [])]
+    queries += [(a["name"], a["expr"]) for a in board["annotations"]["list"] if "expr" in a]
+    with_data = set()
+    for title, expr in queries:
+        grafana_vars = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
+        for var, value in grafana_vars.items():
+            expr = expr.replace(var, value)
+        try:
+            result = prometheus.api("query", query=expr)["result"]
+        except AssertionError as err:  # Prometheus refused the query
+            raise AssertionError(f"dashboard query of {title!r}: {err}") from None
+        if result:
+            with_data.add(title)
+    missing = MUST_SHOW_DATA - with_data
+    assert not missing, f"dashboard panels without data: {missing}"
+
+
 def test_prometheus_scrapes_what_the_test_sent(tmp_path: Path, tiny_deployment: Any) -> None:
     source, attack, _ = tiny_deployment
     store_root = tmp_path / "store"
@@ -238,3 +274,4 @@ def test_prometheus_scrapes_what_the_test_sent(tmp_path: Path, tiny_deployment: 
         running.callback(worker.stop)
         check_repair_ended(prometheus)
         check_targets_and_rules(prometheus)
+        check_dashboard_queries(prometheus)
