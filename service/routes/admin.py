@@ -62,9 +62,11 @@ def _item_json(rt: Runtime, item: StoredItem) -> dict[str, Any]:
     }
 
 
-def _version_or_404(rt: Runtime, version: str) -> None:
+async def _version_or_404(rt: Runtime, version: str) -> None:
+    """404 unless the version is published. Reads its manifest only (one GET on an s3:// store,
+    not the whole bundle), off the event loop."""
     try:
-        rt.store.path(rt.settings.deployment, version)
+        await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
 
@@ -317,7 +319,7 @@ async def get_version(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> dict[str, Any]:
-    _version_or_404(rt, version)
+    await _version_or_404(rt, version)
     manifest = await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
     return manifest.to_dict()
 
@@ -331,8 +333,9 @@ async def version_samples(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> Response:
-    _version_or_404(rt, version)
-    path = rt.store.path(rt.settings.deployment, version) / "repair_samples.png"
+    await _version_or_404(rt, version)
+    bundle_dir = await asyncio.to_thread(rt.store.path, rt.settings.deployment, version)
+    path = bundle_dir / "repair_samples.png"
     if not path.is_file():
         raise HTTPException(404, f"version {version} was not made by a repair")
     return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png")
@@ -346,7 +349,7 @@ async def activate(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> dict[str, Any]:
-    _version_or_404(rt, version)
+    await _version_or_404(rt, version)
     return await _activate_with(rt, rt.store.activate, version, "admin")
 
 
@@ -386,7 +389,7 @@ async def delete_version(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> dict[str, Any]:
-    _version_or_404(rt, version)
+    await _version_or_404(rt, version)
     if version == await asyncio.to_thread(rt.swapper.active_version):
         raise HTTPException(409, f"{version} is the active version; activate another first")
     try:
