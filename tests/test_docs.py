@@ -43,3 +43,28 @@ def test_every_metric_is_in_the_readme() -> None:
     names |= {"nnoc_repairs_total", "nnoc_repair_duration_seconds"}  # the worker's
     missing = [n for n in sorted(names) if n not in README and f"{n}_total" not in README]
     assert not missing, missing
+
+
+OPERATIONS = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+def test_operations_explains_every_alert_and_panel() -> None:
+    import json
+
+    import yaml
+
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    alerts = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "nnoculation.json").read_text())
+    panels = [p["title"] for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(alerts) >= 10 and len(panels) >= 15
+    missing = [f"| {name} |" for name in [*alerts, *panels] if f"| {name} |" not in OPERATIONS]
+    assert not missing, missing
+
+
+def test_operations_names_only_real_settings() -> None:
+    names = {f"{ENV_PREFIX}{n.upper()}" for n in (*ServiceSettings.model_fields,
+                                                  *WorkerSettings.model_fields)}  # fmt: skip
+    unknown = sorted(set(re.findall(r"NNOC_[A-Z_]+[A-Z]", OPERATIONS)) - names)
+    assert not unknown, unknown
