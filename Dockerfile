@@ -49,6 +49,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/.cache \
     NNOC_STORE_ROOT=/var/lib/nnoc/store \
     NNOC_STORE_CACHE_DIR=/var/lib/nnoc/store-cache \
     NNOC_SPOOL_DIR=/var/lib/nnoc/spool

@@ -536,7 +536,7 @@ def test_compose_grafana_is_provisioned_from_the_repo() -> None:
         urlsplit(ds["url"]).hostname == "prometheus" and urlsplit(ds["url"]).port == 9090
         for ds in prometheus
     ), prometheus
-    assert "9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]  # no auth: loopback only
     providers = [p for f in sorted((provisioning / "dashboards").glob("*.y*ml"))
                  for p in yaml.safe_load(f.read_text()).get("providers", [])]  # fmt: skip
     assert providers

@@ -108,9 +108,13 @@ def key(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "__name__")
 
 
+# Waits end as soon as the value is there; the slack only matters on a loaded 2-core machine.
+TIMEOUT_SLACK = 3.0
+
+
 def eventually(get: Callable[[], T], expected: T, timeout_s: float, what: str) -> None:
     """Poll ``get`` until it returns ``expected``; fail with the last value otherwise."""
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_s * TIMEOUT_SLACK
     while True:
         value = get()
         if value == expected or time.monotonic() > deadline:
