@@ -39,6 +39,7 @@ from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.sources import DATASETS
+from nnoculation.data.splits import VALIDATION_SOURCES
 from nnoculation.ensemble import Ensemble
 from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir, publish_deployment
 from nnoculation.predeploy import (
@@ -304,6 +305,8 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
     _check_arch_kwargs(args)
     target = _store_target(args)
     badnet, recipe, floor, attack = _load_badnet(args)
+    if args.validation_source is not None:
+        recipe = recipe.with_validation_source(args.validation_source)
     if args.attack_spec:
         attack = _attack_arg(args.attack_spec)
     elif not args.evaluate_attack:
@@ -328,6 +331,7 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         attack=attack,
         floor=floor,
         source={"badnet": str(args.badnet), "recipe": recipe.to_dict()},
+        warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
     )
     print((Path(args.out) / "report.md").read_text())
     if outcome.result.goodnet is None:
@@ -625,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--holdout-per-class",
         type=_positive_int,
         help="part of it held out to measure CA for the selection rule (default: recipe, 100)",
+    )
+    p.add_argument(
+        "--validation-source",
+        choices=VALIDATION_SOURCES,
+        help="split the validation set is drawn from: 'train' (default: the recipe's) or "
+        "'test' (part of the test split, which a BadNet trained on the training split never "
+        "saw; the stream and test pools shrink accordingly)",
     )
     p.add_argument(
         "--theta", type=_theta, default=DEFAULT_THETA, help="allowed CA drop (fraction in (0, 1))"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nnoculation.data.splits import SplitConfig
+from nnoculation.data.splits import SplitConfig, ValidationSource
 from nnoculation.training import TrainConfig
 
 
@@ -44,6 +44,12 @@ class Recipe:
 
     def with_(self, **changes: Any) -> Recipe:
         return replace(self, **changes)
+
+    def with_validation_source(self, source: ValidationSource) -> Recipe:
+        """The same recipe with the defender's validation set drawn from ``source``: ``"train"``
+        (the training split, the default) or ``"test"`` (part of the test split, which a BadNet
+        trained on the training split never saw; the stream and test pools shrink by it)."""
+        return replace(self, splits=replace(self.splits, validation_source=source))
 
 
 # Fashion-MNIST: a 16/32-channel small CNN trains at ~3k images/s on 2 CPU cores, reaching
