@@ -45,7 +45,13 @@ from models.bundle import (
 from models.s3_cache import BundleCache
 from models.s3_lock import DEFAULT_LEASE_S, LeaseLock
 from models.s3_objects import ConditionFailedError, Objects, S3Location
-from models.store_base import DEFAULT_STALE_TMP_SECONDS, MAX_PUBLISH_ATTEMPTS, Build, BundleStore
+from models.store_base import (
+    DEFAULT_STALE_TMP_SECONDS,
+    MAX_PUBLISH_ATTEMPTS,
+    Build,
+    BundleStore,
+    check_activatable,
+)
 from models.store_names import (
     VERSION_PATTERN,
     ActiveVersionError,
@@ -270,8 +276,9 @@ class S3Store(BundleStore):
 
     def activate(self, deployment: str, version: str) -> None:
         """Point ACTIVE at ``version`` after downloading and verifying its bundle; one PUT, so
-        every reader sees the old pointer or the new one."""
-        verify_bundle(self.path(deployment, version))
+        every reader sees the old pointer or the new one. A rejected candidate is refused
+        (:class:`models.store_base.RejectedCandidateError`)."""
+        check_activatable(verify_bundle(self.path(deployment, version)))
         body = {
             "version": version,
             "activated": utc_now_iso(),

@@ -35,6 +35,8 @@ from models.store_base import (
     MAX_PUBLISH_ATTEMPTS,
     Build,
     BundleStore,
+    RejectedCandidateError,
+    check_activatable,
 )
 from models.store_names import (
     DEPLOYMENT_PATTERN,
@@ -66,6 +68,7 @@ __all__ = [
     "BundleStore",
     "InvalidNameError",
     "ModelStore",
+    "RejectedCandidateError",
     "RepairLockedError",
     "StoreError",
     "StoreUnavailableError",
@@ -234,8 +237,9 @@ class ModelStore(BundleStore):
         return (st.st_mtime_ns, st.st_ino, st.st_size)
 
     def activate(self, deployment: str, version: str) -> None:
-        """Point ACTIVE at ``version`` after verifying its bundle; atomic via ``os.replace``."""
-        verify_bundle(self.path(deployment, version))
+        """Point ACTIVE at ``version`` after verifying its bundle; atomic via ``os.replace``.
+        A rejected candidate is refused (:class:`RejectedCandidateError`)."""
+        check_activatable(verify_bundle(self.path(deployment, version)))
         deployment_dir = self._deployment_dir(deployment)
         tmp = deployment_dir / f"{TMP_PREFIX}{ACTIVE_FILE}-{uuid.uuid4().hex}"
         try:

@@ -5,6 +5,14 @@ backends (:class:`models.store.ModelStore`, a local directory; :class:`models.s3
 S3-compatible object storage) keep the same guarantees: a version is published whole or not
 at all, every bundle is checked against its manifest's sha256 before it is used, the active
 pointer moves atomically, and a version id is never given out twice (not even after a delete).
+
+*Rejected candidates*: a repair refused by the validation gate keeps its nets as a version
+whose manifest's ``provenance["candidate"]`` says so (:func:`rejected_candidate`), so they can
+be evaluated. Such a version is never activated: :meth:`BundleStore.activate` refuses it
+(:class:`RejectedCandidateError`), :meth:`BundleStore.rollback` skips it when it picks the
+target itself, and the only way to serve its nets is :meth:`BundleStore.activate_override`,
+which publishes a copy whose provenance records who overrode the gate, when and why, and
+activates the copy (bundles are immutable, so the candidate itself is never changed).
 :func:`models.store_open.open_store` picks the backend from a location string; the names
 and errors are in :mod:`models.store_names`.
 """
@@ -16,6 +24,7 @@ import shutil
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 from models.bundle import (
     Bundle,
@@ -31,6 +40,51 @@ from models.store_names import StoreError, UnknownVersionError, version_number
 MAX_PUBLISH_ATTEMPTS = 100
 # cleanup() leaves younger leftovers alone: they may belong to a publish still running.
 DEFAULT_STALE_TMP_SECONDS = 3600.0
+
+
+# provenance keys: a rejected candidate's gate verdict, and an override copy's record.
+CANDIDATE_KEY = "candidate"
+OVERRIDE_KEY = "override"
+REJECTED = "rejected"
+MAX_OVERRIDE_REASON = 500
+OVERRIDE_SOURCES = ("admin", "cli")
+
+
+class RejectedCandidateError(StoreError):
+    """The version is a rejected candidate (its repair failed the validation gate): it is
+    never activated as it is, only through :meth:`BundleStore.activate_override`."""
+
+
+def rejected_candidate(manifest: Manifest) -> dict[str, Any] | None:
+    """The gate's verdict recorded in a rejected candidate's provenance (``reason``,
+    ``holdout_ca``, ``theta``, ...), or None for a version that may be activated."""
+    record = manifest.provenance.get(CANDIDATE_KEY)
+    if isinstance(record, dict) and record.get("status") == REJECTED:
+        return record
+    return None
+
+
+def check_activatable(manifest: Manifest) -> None:
+    """:class:`RejectedCandidateError` when ``manifest`` is a rejected candidate's."""
+    record = rejected_candidate(manifest)
+    if record is not None:
+        raise RejectedCandidateError(
+            f"{manifest.version} is a rejected candidate (its repair failed the validation "
+            f"gate: {record.get('reason')}); it is never activated as it is: override the gate "
+            "explicitly with a reason to activate a recorded copy of it"
+        )
+
+
+def check_override_reason(reason: object) -> str:
+    """The override reason stripped: ``ValueError`` unless it is 1 to 500 characters of text."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("an override needs a reason: say why the gate's verdict is overruled")
+    text = reason.strip()
+    if len(text) > MAX_OVERRIDE_REASON:
+        raise ValueError(
+            f"the override reason is {len(text)} characters long; at most {MAX_OVERRIDE_REASON}"
+        )
+    return text
 
 
 Build = Callable[[Path, str], Manifest]
@@ -86,7 +140,9 @@ class BundleStore(abc.ABC):
 
     @abc.abstractmethod
     def activate(self, deployment: str, version: str) -> None:
-        """Point the active pointer at ``version`` after verifying its bundle."""
+        """Point the active pointer at ``version`` after verifying its bundle;
+        :class:`RejectedCandidateError` for a rejected candidate (see
+        :meth:`activate_override`)."""
 
     @abc.abstractmethod
     def repair_lock(
@@ -106,9 +162,11 @@ class BundleStore(abc.ABC):
         return load_bundle(self.path(deployment, version))
 
     def rollback(self, deployment: str, version: str | None = None) -> str:
-        """Activate ``version``, or else the active version's parent (else the one before it).
+        """Activate ``version``, or else the active version's nearest ancestor that is not a
+        rejected candidate (else the newest such version before it).
 
-        Returns the version now active.
+        Returns the version now active. A ``version`` that is a rejected candidate is refused
+        like :meth:`activate` refuses it.
         """
         if version is None:
             version = self._rollback_target(deployment)
@@ -120,15 +178,62 @@ class BundleStore(abc.ABC):
         if current is None:
             raise UnknownVersionError(f"deployment {deployment!r} has no active version")
         published = self.versions(deployment)
+        seen = {current}
         parent = self.manifest(deployment, current).parent
-        if parent is not None and parent in published:
-            return parent
-        earlier = [v for v in published if version_number(v) < version_number(current)]
-        if not earlier:
-            raise UnknownVersionError(
-                f"deployment {deployment!r}: nothing to roll back to from {current!r}"
+        while parent is not None and parent in published and parent not in seen:
+            seen.add(parent)
+            manifest = self.manifest(deployment, parent)
+            if rejected_candidate(manifest) is None:
+                return parent
+            parent = manifest.parent  # an override copy's parent is its candidate: skip it
+        for earlier in reversed(published):
+            if version_number(earlier) >= version_number(current) or earlier in seen:
+                continue
+            if rejected_candidate(self.manifest(deployment, earlier)) is None:
+                return earlier
+        raise UnknownVersionError(
+            f"deployment {deployment!r}: nothing to roll back to from {current!r}"
+        )
+
+    def activate_override(self, deployment: str, candidate: str, *, reason: str, by: str) -> str:
+        """Serve a rejected candidate's nets anyway: publish a copy of ``candidate`` (parent
+        ``candidate``) whose provenance records ``{"override": {"of", "reason", "at", "by",
+        "gate"}}`` (``gate``: the candidate's verdict) and activate the copy; returns its id.
+
+        The reason (1 to 500 characters) and ``by`` (``admin`` or ``cli``) are checked first;
+        ``ValueError`` for either, or when ``candidate`` is not a rejected candidate (activate
+        it without an override). The candidate itself stays as it was: bundles are immutable.
+        """
+        text = check_override_reason(reason)
+        if by not in OVERRIDE_SOURCES:
+            raise ValueError(f"override by {by!r}: expected one of {', '.join(OVERRIDE_SOURCES)}")
+        gate = rejected_candidate(self.manifest(deployment, candidate))
+        if gate is None:
+            raise ValueError(
+                f"{candidate} is not a rejected candidate: activate it without an override"
             )
-        return earlier[-1]
+        source = self.path(deployment, candidate)
+        manifest = verify_bundle(source)
+        record = {"of": candidate, "reason": text, "at": utc_now_iso(), "by": by, "gate": gate}
+
+        def build(tmp: Path, version: str) -> Manifest:
+            _copy_listed(source, manifest, tmp)
+            provenance = {k: v for k, v in manifest.provenance.items() if k != CANDIDATE_KEY}
+            provenance[OVERRIDE_KEY] = record
+            copy = manifest.model_copy(
+                update={
+                    "version": version,
+                    "parent": candidate,
+                    "created": record["at"],
+                    "provenance": provenance,
+                }
+            )
+            write_manifest(tmp, copy)
+            return copy
+
+        version = self.publish(deployment, build, candidate)
+        self.activate(deployment, version)
+        return version
 
     def import_bundle(self, deployment: str, source_dir: Path, *, activate: bool = False) -> str:
         """Copy the bundle in ``source_dir`` into the store as a new version; returns its id.
@@ -142,16 +247,9 @@ class BundleStore(abc.ABC):
         """
         source = Path(source_dir)
         manifest = verify_bundle(source)
-        root = source.resolve()
 
         def build(tmp: Path, version: str) -> Manifest:
-            for rel in sorted(manifest.files):
-                origin = (source / rel).resolve()
-                if not origin.is_relative_to(root):  # verify_bundle refused this already
-                    raise StoreError(f"{source}: listed file {rel!r} lies outside the bundle")
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(origin, target)
+            _copy_listed(source, manifest, tmp)
             provenance = dict(manifest.provenance)
             provenance["imported"] = {
                 "source_version": manifest.version,
@@ -174,3 +272,15 @@ class BundleStore(abc.ABC):
                 f"build wrote version {manifest.version!r} (parent {manifest.parent!r}); "
                 f"the store asked for {version!r} (parent {parent!r})"
             )
+
+
+def _copy_listed(source: Path, manifest: Manifest, target_dir: Path) -> None:
+    """Copy the files ``manifest`` lists from the bundle ``source`` into ``target_dir``."""
+    root = source.resolve()
+    for rel in sorted(manifest.files):
+        origin = (source / rel).resolve()
+        if not origin.is_relative_to(root):  # verify_bundle refused this already
+            raise StoreError(f"{source}: listed file {rel!r} lies outside the bundle")
+        target = target_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(origin, target)

@@ -3,8 +3,10 @@
 Exit codes: 0 success, 2 usage error (an option or setting out of range, misspelt or
 missing), 3 no GoodNet within theta, 4 bad input (missing data, refused or corrupt model file,
 unusable quarantine, unknown store version), 5 a repair failed the validation gate (nothing
-published), 6 another repair of the deployment holds its lock. Every error is one line on
-stderr; ``NNOC_DEBUG=1`` shows the traceback behind it.
+published; with a store its nets are kept as a rejected candidate), or ``store activate`` /
+``store rollback`` was asked for such a candidate without ``--override``, 6 another repair of
+the deployment holds its lock. Every error is one line on stderr; ``NNOC_DEBUG=1`` shows the
+traceback behind it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ from models.importing import import_net
 from models.nets import Net
 from models.registry import Registry
 from models.spec import InputSpec
-from models.store_base import BundleStore
+from models.store_base import (
+    OVERRIDE_KEY,
+    BundleStore,
+    RejectedCandidateError,
+    check_override_reason,
+    rejected_candidate,
+)
 from models.store_names import (
     DEPLOYMENT_PATTERN,
     RepairLockedError,
@@ -505,6 +513,14 @@ def _repair_in_store(
     )
     _report_repair(args, done.outcome)
     if done.version is None:
+        if done.candidate is not None:
+            print(
+                f"its nets are kept as rejected candidate {deployment} {done.candidate} (never "
+                "active; `store activate --override REASON` serves a recorded copy)",
+                file=sys.stderr,
+            )
+        elif done.candidate_error is not None:
+            print(f"the rejected candidate was not kept: {done.candidate_error}", file=sys.stderr)
         return EXIT_GATE_FAILED
     state = "active" if done.activated else "not activated"
     print(
@@ -544,18 +560,41 @@ def cmd_store_list(args: argparse.Namespace) -> int:
         try:
             manifest = store.manifest(args.deployment, version)
             parent, created = manifest.parent or "-", manifest.created
+            note = _version_note(manifest)
         except ValueError as err:  # an unreadable manifest is listed, not fatal
-            parent, created = "?", f"unreadable manifest: {err}"
+            parent, created, note = "?", f"unreadable manifest: {err}", ""
         mark = "*" if version == active else " "
-        print(f"{mark} {version:8s} {parent:8s} {created}")
+        print(f"{mark} {version:8s} {parent:8s} {created}{note}")
     if active is None:
         print("(no active version)")
     return 0
 
 
+def _version_note(manifest: Manifest) -> str:
+    """What ``store list`` adds after a rejected candidate or an override copy ("" else)."""
+    if rejected_candidate(manifest) is not None:
+        return "  rejected candidate (failed the validation gate)"
+    override = manifest.provenance.get(OVERRIDE_KEY)
+    if isinstance(override, dict):
+        return f"  override of rejected candidate {override.get('of')}"
+    return ""
+
+
 def cmd_store_activate(args: argparse.Namespace) -> int:
-    _store(args).activate(args.deployment, args.version)
-    print(f"{args.deployment}: {args.version} is active")
+    store = _store(args)
+    if args.override is None:
+        store.activate(args.deployment, args.version)
+        print(f"{args.deployment}: {args.version} is active")
+        return 0
+    try:
+        reason = check_override_reason(args.override)
+    except ValueError as err:
+        raise UsageError(f"--override: {err}") from None
+    copy = store.activate_override(args.deployment, args.version, reason=reason, by="cli")
+    print(
+        f"{args.deployment}: {copy} (a copy of rejected candidate {args.version}, the override "
+        "recorded in its provenance) is active"
+    )
     return 0
 
 
@@ -767,9 +806,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = store_sub.add_parser("activate", help="make a version active (after verifying it)")
     _add_store_args(q, required=True, what="")
     q.add_argument("version", type=_version_id)
+    q.add_argument(
+        "--override",
+        metavar="REASON",
+        help="activate a rejected candidate anyway: publishes a copy recording REASON, "
+        "activates the copy",
+    )
     q.set_defaults(func=cmd_store_activate)
     q = store_sub.add_parser(
-        "rollback", help="activate VERSION, or else the active version's parent"
+        "rollback",
+        help="activate VERSION, or else the active version's parent (skipping rejected candidates)",
     )
     _add_store_args(q, required=True, what="")
     q.add_argument("version", nargs="?", type=_version_id)
@@ -818,6 +864,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         return _error(err, EXIT_BUSY)
+    except RejectedCandidateError as err:  # activate / rollback of a gate-refused version
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _error(f"{err} (`store activate VERSION --override REASON`)", EXIT_GATE_FAILED)
     except (OSError, ValueError, KeyError, StoreError) as err:
         # Unusable inputs surface as these: missing data or files (DataNotFoundError is an
         # OSError), refused or mismatched models (UnsafeModelError, BundleIntegrityError and

@@ -209,7 +209,8 @@ def test_repair_in_a_store_publishes_a_child_of_the_active_version(
     assert "already running" in capsys.readouterr().err
     gated = [*argv[:-2], "--finetune-lr", "5.0", "--theta", "0.02"]
     assert main(gated) == EXIT_GATE_FAILED
-    assert store.versions("digits") == ["v0001", "v0002", "v0003", "v0004"]
+    assert "kept as rejected candidate digits v0005" in capsys.readouterr().err
+    assert store.versions("digits") == ["v0001", "v0002", "v0003", "v0004", "v0005"]
     assert store.active("digits") == "v0003"
     (tmp_path / "store" / "digits" / "ACTIVE").unlink()
     assert main(argv) == EXIT_BAD_INPUT

@@ -198,9 +198,11 @@ def test_repair_in_store_locks_publishes_and_passes_callbacks(
     failing = RepairConfig(profile=MEAN_DIFF, finetune_epochs=1, finetune_lr=5.0, theta=0.02)
     gated = repair_in_store(store, "d", quarantine, failing)
     assert gated.version is None and not gated.outcome.passed_gate
-    assert store.versions("d") == ["v0001", "v0002", "v0003"]
+    # The refused nets are kept as a rejected candidate, never active (tests/test_gate_candidates).
+    assert gated.candidate == "v0004" and not gated.activated and store.active("d") == "v0002"
+    assert store.versions("d") == ["v0001", "v0002", "v0003", "v0004"]
     with store.repair_lock("d"), pytest.raises(RepairLockedError):
         repair_in_store(store, "d", quarantine, cfg)
     with pytest.raises(RepairCancelled):
         repair_in_store(store, "d", quarantine, cfg, should_cancel=lambda: True)
-    assert store.versions("d") == ["v0001", "v0002", "v0003"]
+    assert store.versions("d") == ["v0001", "v0002", "v0003", "v0004"]

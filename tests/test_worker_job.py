@@ -1,7 +1,7 @@
 """The repair job in-process (``worker.jobs.execute``), against real Redis and a real store: a
 repair that passes the gate is published, activated, announced and its inputs archived; one
-the gate refuses leaves the active version alone; a cancelled one gives its inputs back; a
-stale attempt does nothing."""
+the gate refuses leaves the active version alone and keeps a rejected candidate; a cancelled
+one gives its inputs back; a stale attempt does nothing."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def test_a_passing_repair_is_published_activated_announced_and_archived(
     assert message is not None and json.loads(message["data"])["version"] == "v0002"
 
 
-def test_a_gated_repair_changes_nothing_and_says_why(
+def test_a_gated_repair_keeps_a_candidate_activates_nothing_and_says_why(
     setup: tuple[Context, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx, attack = setup
@@ -93,11 +93,16 @@ def test_a_gated_repair_changes_nothing_and_says_why(
     ctx = with_options(ctx, monkeypatch, theta=0.01, finetune_lr=5.0, finetune_epochs=2)
     shas = quarantine(ctx, attack)
     rid = ctx.repairs.start("v0001", "auto", len(shas)).repair_id
-    assert execute(ctx, rid, 1)["status"] == "gated"
-    assert ctx.store.versions(DEPLOYMENT) == ["v0001"] and ctx.store.active(DEPLOYMENT) == "v0001"
+    result = execute(ctx, rid, 1)
+    assert result["status"] == "gated" and result["candidate"] == "v0002"
+    # The repaired nets are kept as a rejected candidate; the active version is untouched.
+    assert ctx.store.versions(DEPLOYMENT) == ["v0001", "v0002"]
+    assert ctx.store.active(DEPLOYMENT) == "v0001"
+    gate = ctx.store.manifest(DEPLOYMENT, "v0002").provenance["candidate"]
+    assert gate["status"] == "rejected" and "below the baseline" in gate["reason"]
     record = ctx.repairs.get(rid)
     assert record is not None and record["status"] == "gated"
-    assert "below the baseline" in record["reason"]
+    assert "below the baseline" in record["reason"] and record["candidate_version"] == "v0002"
     assert len(ctx.quarantine.archived(rid)) == len(shas)  # consumed, kept as evidence
 
 

@@ -10,10 +10,12 @@ Steps, each safe to re-run after a crash at any point:
    goes to the record and the job's meta every epoch, a heartbeat thread proves the job alive,
    a cancellation request stops it at the next epoch, and the CycleGAN checkpoints every epoch
    into the work dir, so a retry resumes where the killed attempt stopped;
-4. the gate's verdict: a refused repair archives its claim and records why (the active version
-   is untouched); a passed one is published atomically as a new store version (its id from the
-   store), recorded at once (a retry after this point does not publish twice), activated if the
-   repaired version is still the active one, and announced to every API process;
+4. the gate's verdict: a refused repair keeps its nets as a *rejected candidate* store version
+   (never activated; the record names it as ``candidate_version``), archives its claim and
+   records why (the active version is untouched); a passed one is published atomically as a
+   new store version (its id from the store), recorded at once (a retry after this point does
+   not publish twice), activated if the repaired version is still the active one, and
+   announced to every API process;
 5. the claim is archived under the repair's id and the record closed.
 """
 
@@ -196,6 +198,8 @@ def _attempt(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
         raise RepairCancelled("cancelled before it started")
     ctx.repairs.update(repair_id, status=RUNNING, stage="claim", worker=socket.gethostname())
     published = record.get("result_version")
+    if not published and record.get("candidate_version"):  # a retry after keeping the candidate
+        return _gated(ctx, repair_id, str(record["candidate_version"]), record.get("reason"))
     if not published:  # (a retry after the publish only activates and closes)
         if ctx.quarantine.claim(parent, repair_id) <= 0:
             raise ValueError(f"no quarantined inputs of {parent} to repair from")
@@ -217,10 +221,13 @@ def _attempt(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
         )
         report = _summary(done.outcome)
         if done.version is None:
-            ctx.quarantine.archive(repair_id)
-            ctx.repairs.finish(repair_id, GATED, reason=done.outcome.reason, **report)
-            logger.warning("repair %s refused by the gate: %s", repair_id, done.outcome.reason)
-            return {"repair_id": repair_id, "status": GATED, "reason": done.outcome.reason}
+            reason = done.outcome.reason
+            # Recorded at once, so a retry after this point does not keep a second candidate.
+            ctx.repairs.update(
+                repair_id, reason=reason, candidate_version=done.candidate,
+                candidate_error=done.candidate_error, **report,
+            )  # fmt: skip
+            return _gated(ctx, repair_id, done.candidate, reason)
         published = done.version
         ctx.repairs.update(repair_id, result_version=published, stage="publish", **report)
     activated = _activate(ctx, repair_id, parent, str(published))
@@ -228,6 +235,19 @@ def _attempt(ctx: Context, repair_id: str, attempt: int) -> dict[str, Any]:
     ctx.repairs.finish(repair_id, PUBLISHED, result_version=published, activated=activated)
     return {"repair_id": repair_id, "status": PUBLISHED, "version": published,
             "activated": activated}  # fmt: skip
+
+
+def _gated(
+    ctx: Context, repair_id: str, candidate: str | None, reason: str | None
+) -> dict[str, Any]:
+    """Close a repair the gate refused: its inputs archived, its candidate (never activated)
+    named in the record."""
+    ctx.quarantine.archive(repair_id)
+    ctx.repairs.finish(repair_id, GATED, reason=reason, candidate_version=candidate)
+    logger.warning(
+        "repair %s refused by the gate (rejected candidate %s): %s", repair_id, candidate, reason
+    )
+    return {"repair_id": repair_id, "status": GATED, "reason": reason, "candidate": candidate}
 
 
 def _activate(ctx: Context, repair_id: str, parent: str, version: str) -> bool:

@@ -1,7 +1,10 @@
 """Repair records in Redis, the one-repair-at-a-time lock, RQ enqueueing and reconciliation.
 
 A repair is a record ``repair:<id>`` (status, the version it repairs, progress, outcome) plus
-the lock ``repair:current`` that names the one repair of the deployment in flight. Starting a
+the lock ``repair:current`` that names the one repair of the deployment in flight. A repair
+the validation gate refused (status ``gated``) names in ``candidate_version`` the rejected
+candidate store version that keeps its nets (never activated; ``candidate_error`` instead if
+the store could not keep it); a published one names its version in ``result_version``. Starting a
 repair is one Lua script (lock and record together), so API processes racing at N, an operator
 and the reconciler can never start two. The RQ job ``worker.jobs.run_repair(deployment,
 repair_id, attempt)`` carries ids only; ``attempt`` fences off a stale job: a job whose attempt

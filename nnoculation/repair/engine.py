@@ -10,7 +10,9 @@ config) to repaired nets ready to publish, or a refusal with its reason.
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation; on the clean images the
    GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
-   deployment's baseline (the original BadNet's hold-out CA), else nothing is published.
+   deployment's baseline (the original BadNet's hold-out CA); repaired nets it refuses are
+   never activated: :func:`repair_in_store` keeps them as a *rejected candidate* version, the
+   evidence a user can evaluate (:mod:`models.store_base`).
 
 Why the GoodNet distils the BadNet on clean images. The GoodNet was retrained at a high
 learning rate on the small validation set, so it answers clean inputs worse than the BadNet
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import time
@@ -46,11 +49,11 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 from torchvision.utils import make_grid
 
-from models.bundle import Bundle, Manifest, write_bundle
+from models.bundle import Bundle, Manifest, utc_now_iso, write_bundle
 from models.cyclegan import CYCLEGAN_PROFILES
 from models.nets import Net
-from models.store_base import BundleStore
-from models.store_names import UnknownVersionError
+from models.store_base import CANDIDATE_KEY, OVERRIDE_KEY, REJECTED, BundleStore
+from models.store_names import StoreError, UnknownVersionError
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
@@ -63,6 +66,8 @@ from nnoculation.training import Distillation, Optimizer, TrainConfig, train
 
 if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
     from nnoculation.attacks import AttackSpec
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAIN_A_SIZE = 500  # sec. 4.2.2: 500 clean validation images
 DEFAULT_FINETUNE_EPOCHS = 3
@@ -567,20 +572,54 @@ def repair(
     return outcome
 
 
+def gate_verdict(outcome: RepairOutcome, parent: Bundle) -> dict[str, Any]:
+    """What a rejected candidate's provenance records of the gate: ``status`` "rejected", the
+    ``reason``, the nets that failed, the hold-out CAs, ``theta``, the repaired version."""
+    theta = _settings(parent, outcome.config)[2]
+    baseline = outcome.holdout["baseline"]
+    return {
+        "status": REJECTED,
+        "reason": outcome.reason,
+        "failing": [
+            r for r in ("badnet", "goodnet") if outcome.holdout[f"{r}_after"] < baseline - theta
+        ],
+        "holdout_ca": dict(outcome.holdout),
+        "theta": theta,
+        "repaired": parent.manifest.version,
+        "at": utc_now_iso(),
+    }
+
+
 def write_repaired_bundle(
-    outcome: RepairOutcome, parent: Bundle, directory: Path, version: str
+    outcome: RepairOutcome,
+    parent: Bundle,
+    directory: Path,
+    version: str,
+    *,
+    candidate: bool = False,
 ) -> Manifest:
     """Write the repaired deployment (a new version whose parent is ``parent``) into
     ``directory``; matches :meth:`models.store_base.BundleStore.publish`'s ``build`` signature once
-    ``outcome`` and ``parent`` are bound. Refuses an outcome that failed the gate."""
+    ``outcome`` and ``parent`` are bound. Refuses an outcome that failed the gate, unless
+    ``candidate``: then (and only for such an outcome) the bundle is a *rejected candidate*
+    whose ``provenance["candidate"]`` holds :func:`gate_verdict`, which the store never
+    activates."""
     import json
 
-    if not outcome.passed_gate:
+    if candidate and outcome.passed_gate:
+        raise ValueError("a repair that passed the gate is published, not kept as a candidate")
+    if not outcome.passed_gate and not candidate:
         raise ValueError(f"refusing to publish a repair that failed the gate: {outcome.reason}")
     manifest = parent.manifest
     report = outcome.report()
-    provenance = dict(manifest.provenance)
+    # A repaired version is judged by its own gate: an ancestor's candidate or override
+    # record is not inherited (the parent chain keeps it).
+    provenance = {
+        k: v for k, v in manifest.provenance.items() if k not in (CANDIDATE_KEY, OVERRIDE_KEY)
+    }
     provenance["repairs"] = [*provenance.get("repairs", []), {"parent": manifest.version, **report}]
+    if candidate:
+        provenance[CANDIDATE_KEY] = gate_verdict(outcome, parent)
     metrics = dict(manifest.metrics)
     metrics["goodnet_holdout_ca"] = outcome.holdout["goodnet_after"]
     metrics["badnet_holdout_ca"] = outcome.holdout["badnet_after"]
@@ -607,13 +646,16 @@ def write_repaired_bundle(
 
 @dataclass
 class StoreRepair:
-    """What :func:`repair_in_store` did: the repair's outcome, the version repaired and the
-    version published (None when the gate failed and nothing was published)."""
+    """What :func:`repair_in_store` did: the repair's outcome, the version repaired, the
+    version published (None when the gate failed), and for a gate failure the rejected
+    candidate keeping the repaired nets (None if keeping it failed: ``candidate_error``)."""
 
     outcome: RepairOutcome
     parent: str
     version: str | None
     activated: bool
+    candidate: str | None = None
+    candidate_error: str | None = None
 
 
 def repair_in_store(
@@ -634,8 +676,11 @@ def repair_in_store(
     function that makes it from the bundle being repaired (e.g. to read a file with its input
     spec). A repair that passes the gate is published with :meth:`BundleStore.publish`: a new
     version id allocated by the store, parent the repaired version, activated unless
-    ``activate`` is False; one that fails it publishes nothing. ``repair_kwargs`` go to
-    :func:`repair` (``on_progress``, ``should_cancel``, ``device``, ``test``, ...).
+    ``activate`` is False. One that fails it is kept as a *rejected candidate* version (parent
+    the repaired version, never activated, whatever ``activate`` says); if the store refuses
+    that publish, the gate's verdict still stands and ``candidate_error`` says why.
+    ``repair_kwargs`` go to :func:`repair` (``on_progress``, ``should_cancel``, ``device``,
+    ``test``, ...).
     """
     with store.repair_lock(deployment, blocking=wait_for_lock):
         parent = version if version is not None else store.active(deployment)
@@ -647,7 +692,7 @@ def repair_in_store(
         images = quarantine(bundle) if callable(quarantine) else quarantine
         outcome = repair(bundle, images, cfg, **repair_kwargs)
         if not outcome.passed_gate:
-            return StoreRepair(outcome, parent, None, False)
+            return _keep_candidate(store, deployment, outcome, bundle)
         published = store.publish(
             deployment,
             lambda directory, new: write_repaired_bundle(outcome, bundle, directory, new),
@@ -655,6 +700,25 @@ def repair_in_store(
             activate=activate,
         )
     return StoreRepair(outcome, parent, published, activate)
+
+
+def _keep_candidate(
+    store: BundleStore, deployment: str, outcome: RepairOutcome, bundle: Bundle
+) -> StoreRepair:
+    """Publish a gate-refused repair's nets as a rejected candidate (never activated)."""
+    parent = bundle.manifest.version
+    try:
+        candidate = store.publish(
+            deployment,
+            lambda directory, new: write_repaired_bundle(
+                outcome, bundle, directory, new, candidate=True
+            ),
+            parent,
+        )
+    except (StoreError, OSError, ValueError) as err:  # the verdict stands without its evidence
+        logger.warning("could not keep the rejected candidate of %s: %s", parent, err)
+        return StoreRepair(outcome, parent, None, False, None, f"{type(err).__name__}: {err}")
+    return StoreRepair(outcome, parent, None, False, candidate)
 
 
 def _purify_line(purified: Purified, size: int) -> str:

@@ -13,7 +13,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from models.bundle import BundleError
-from models.store import StoreError
+from models.store import RejectedCandidateError, StoreError
+from models.store_base import MAX_OVERRIDE_REASON, OVERRIDE_KEY, rejected_candidate
 from nnoculation.inputs import encode_png
 from nnoculation.online.announce import announce_activation
 from nnoculation.online.processes import live_processes
@@ -276,11 +277,15 @@ def _version_summary(rt: Runtime, version: str, active: str | None) -> dict[str,
     manifest = rt.store.manifest(rt.settings.deployment, version)
     repairs = manifest.provenance.get("repairs", [])
     last = repairs[-1] if repairs else None
+    candidate = rejected_candidate(manifest)
     return {
         "version": version,
         "parent": manifest.parent,
         "created": manifest.created,
         "active": version == active,
+        "rejected_candidate": candidate is not None,
+        "candidate": candidate,
+        "override": manifest.provenance.get(OVERRIDE_KEY),
         "metrics": manifest.metrics,
         "repair": None if last is None else {
             "passed_gate": last.get("passed_gate"),
@@ -342,20 +347,50 @@ async def version_samples(
 
 
 @router.post(
-    "/versions/{version}/activate", response_model=Detail, responses=error_responses(404, 422),
+    "/versions/{version}/activate", response_model=Detail,
+    responses=error_responses(404, 409, 422),
     summary="Make a stored version active in every process",
+    description="A rejected candidate (a repair the validation gate refused) answers 409 unless "
+    "`override=true` with a `reason` (422 without one): then a copy of it whose provenance "
+    "records the override is published and activated (the candidate itself stays as it is). "
+    "`override=true` on any other version answers 409; `reason` is read only with it.",
 )  # fmt: skip
 async def activate(
     rt: RuntimeDep,
     version: VersionPath,
+    override: Annotated[
+        bool, Query(description="activate a rejected candidate anyway (needs a reason)")
+    ] = False,
+    reason: Annotated[
+        str | None, Query(max_length=MAX_OVERRIDE_REASON, description="why, with override")
+    ] = None,
 ) -> dict[str, Any]:
-    await _version_or_404(rt, version)
-    return await _activate_with(rt, rt.store.activate, version, "admin")
+    if not override:
+        await _version_or_404(rt, version)
+        return await _activate_with(rt, rt.store.activate, version, "admin")
+    try:
+        manifest = await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
+    except StoreError as err:
+        raise HTTPException(404, str(err)) from None
+    if rejected_candidate(manifest) is None:
+        raise HTTPException(
+            409, f"{version} is not a rejected candidate: activate it without override=true"
+        )
+    if not (reason or "").strip():
+        raise HTTPException(422, "override=true needs a reason: say why the gate is overruled")
+
+    def overrule(deployment: str, candidate: str) -> str:
+        return rt.store.activate_override(deployment, candidate, reason=str(reason), by="admin")
+
+    result = await _activate_with(rt, overrule, version, "admin override")
+    return {**result, "override_of": version}
 
 
 @router.post(
-    "/rollback", response_model=Detail, responses=error_responses(404, 422),
+    "/rollback", response_model=Detail, responses=error_responses(404, 409, 422),
     summary="Activate the given version, or the active one's parent",
+    description="Without a version the target skips rejected candidates; a rejected candidate "
+    "named explicitly answers 409 (activate it with an override instead).",
 )  # fmt: skip
 async def rollback(
     rt: RuntimeDep,
@@ -371,11 +406,16 @@ async def _activate_with(
     which verify the bundle first), then announce the version now active to every process."""
     try:
         active = await asyncio.to_thread(change, rt.settings.deployment, version)
+    except RejectedCandidateError as err:
+        hint = f"POST /admin/versions/{version}/activate?override=true&reason=..."
+        raise HTTPException(409, f"{err} ({hint})") from None
     except BundleError as err:
         refused = version or "to roll back to"
         raise HTTPException(422, f"version {refused} is refused: {err}") from None
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
+    except ValueError as err:  # an override the store refuses (e.g. its reason)
+        raise HTTPException(422, str(err)) from None
     active = active or str(version)
     await _announce(rt, active, source)
     return {"active": active}

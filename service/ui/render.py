@@ -219,6 +219,8 @@ def _repairs(view: Dashboard) -> str:
     for r in view.repairs:
         result = r.get("result_version")
         picture = _picture(str(result)) if result and r.get("status") == "published" else ""
+        if not result and r.get("candidate_version"):
+            result = f"{r['candidate_version']} (rejected candidate)"
         rows.append(
             f'<tr data-repair="{esc(r.get("id"))}"><td><code>{esc(r.get("id"))}</code><br>'
             f"<small>{_when(r.get('created'))}, by {esc(r.get('trigger'))}</small></td>"
@@ -251,16 +253,23 @@ def _versions(view: Dashboard) -> str:
         ca = ", ".join(
             f"{esc(k)} {_percent(val)}" for k, val in metrics.items() if k.endswith("_ca")
         )
-        if repair:
+        override = v.get("override")
+        if isinstance(override, dict):
+            made = (
+                f"override of rejected candidate {esc(override.get('of'))} by "
+                f"{esc(override.get('by'))}: {esc(override.get('reason'))}"
+            )
+        elif repair:
             gate = "passed the gate" if repair.get("passed_gate") else "refused by the gate"
             made = f"repair of {esc(v.get('parent'))}: {gate}<br>{_picture(version)}"
         else:
             made = "pre-deployment" if not v.get("parent") else f"from {esc(v.get('parent'))}"
-        action = (
-            '<span class="status published">active</span>'
-            if v.get("active")
-            else _form(f"{BASE}/versions/{version}/activate", "Activate", view.csrf)
-        )
+        if v.get("active"):
+            action = '<span class="status published">active</span>'
+        elif v.get("rejected_candidate"):  # never activated from here: only by an override
+            action = '<span class="status gated">rejected candidate</span>'
+        else:
+            action = _form(f"{BASE}/versions/{version}/activate", "Activate", view.csrf)
         rows.append(
             f'<tr data-version="{esc(version)}"><td><strong>{esc(version)}</strong></td>'
             f"<td>{_when(v.get('created'))}</td><td>{made}</td><td>{ca or '–'}</td>"
