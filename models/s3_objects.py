@@ -28,13 +28,24 @@ PREFIX_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
 # The request failed because of its If-None-Match / If-Match condition (409: a concurrent
 # conditional write to the same key was in flight; S3 asks the caller to retry).
 CONDITION_FAILED = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+CONDITION_CONFLICT = "ConditionalRequestConflict"
 NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 CHUNK_BYTES = 1 << 20
+# botocore's defaults (60 s connect and read timeouts, 5 attempts) can block a caller for
+# minutes when the server hangs; these bound one call to about 3 x (3 + 10) s plus backoff.
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+MAX_ATTEMPTS = 3
 
 
 class ConditionFailedError(StoreError):
     """A conditional write or delete lost: the object exists (If-None-Match) or changed
     (If-Match)."""
+
+
+class ConditionConflictError(ConditionFailedError):
+    """409 ConditionalRequestConflict: another conditional write to the key was in flight;
+    nothing was decided, so the caller may retry."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +94,25 @@ def require_boto3() -> None:
         ) from None
 
 
-def make_client() -> Any:
-    """An S3 client from boto3's standard configuration (lazy import: boto3 is optional)."""
+def make_client(
+    *,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    read_timeout_s: float = READ_TIMEOUT_S,
+    attempts: int = MAX_ATTEMPTS,
+) -> Any:
+    """An S3 client from boto3's standard configuration (lazy import: boto3 is optional),
+    with short timeouts and ``attempts`` tries per call (botocore's standard retry mode), so a
+    hung server costs a caller seconds, not minutes."""
     require_boto3()
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+    config = Config(
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        retries={"mode": "standard", "total_max_attempts": attempts},
+    )
+    return boto3.client("s3", config=config)
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,8 @@ class Objects:
             return getattr(self.client, operation)(Bucket=self.bucket, Key=key, **kwargs)
         except ClientError as err:
             code = str(err.response.get("Error", {}).get("Code", ""))
+            if code == CONDITION_CONFLICT:
+                raise ConditionConflictError(f"s3://{self.bucket}/{key}: {code}") from None
             if code in CONDITION_FAILED:
                 raise ConditionFailedError(f"s3://{self.bucket}/{key}: {code}") from None
             if code in NOT_FOUND:
@@ -153,6 +178,11 @@ class Objects:
 
     def exists(self, key: str) -> bool:
         return self.etag(key) is not None
+
+    def last_modified(self, key: str) -> datetime | None:
+        """The object's Last-Modified (one HEAD), or ``None`` if there is none."""
+        response = self._call("head_object", key)
+        return None if response is None else response["LastModified"]
 
     def put(
         self,

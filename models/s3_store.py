@@ -17,13 +17,18 @@ checked against the manifest's sha256 (:mod:`models.s3_cache`), so ``path()`` an
 return a verified local directory as the local store does. Activation rewrites ``ACTIVE``
 with a fresh nonce, so its ETag (one HEAD: :meth:`S3Store.active_token`) changes with every
 activation, which is what the API processes poll. Blobs are shared by versions with equal
-files; :meth:`S3Store.cleanup` removes the ones no manifest lists any more.
+files; :meth:`S3Store.cleanup` removes the ones no manifest lists any more. The local cache
+keeps a few versions per deployment (:meth:`models.s3_cache.BundleCache.prune`). While this
+store holds a deployment's repair lock, :meth:`S3Store.publish` and :meth:`S3Store.activate`
+first check the lock is still ours (:class:`models.store_names.LockLostError` if it was lost).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -42,8 +47,8 @@ from models.bundle import (
     verify_bundle,
     write_manifest,
 )
-from models.s3_cache import BundleCache
-from models.s3_lock import DEFAULT_LEASE_S, LeaseLock
+from models.s3_cache import DEFAULT_KEEP_VERSIONS, BundleCache
+from models.s3_lock import DEFAULT_LEASE_S, LeaseLock, lock_client
 from models.s3_objects import ConditionFailedError, Objects, S3Location
 from models.store_base import (
     DEFAULT_STALE_TMP_SECONDS,
@@ -69,6 +74,8 @@ DELETED = "deleted"
 ACTIVE = "ACTIVE"
 REPAIR_LOCK = "REPAIR_LOCK"
 
+logger = logging.getLogger(__name__)
+
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """A manifest from its bytes; ``BundleIntegrityError`` naming ``where`` if invalid."""
@@ -84,7 +91,8 @@ class S3Store(BundleStore):
 
     ``cache_dir`` holds the verified local copies (a directory per bucket and prefix);
     ``client`` is a boto3 S3 client (default: from boto3's standard configuration);
-    ``lock_lease_s`` is the repair lock's lease (:mod:`models.s3_lock`).
+    ``lock_lease_s`` is the repair lock's lease (:mod:`models.s3_lock`);
+    ``cache_versions`` how many versions per deployment the cache keeps.
     """
 
     def __init__(
@@ -94,12 +102,16 @@ class S3Store(BundleStore):
         *,
         client: object = None,
         lock_lease_s: float = DEFAULT_LEASE_S,
+        cache_versions: int = DEFAULT_KEEP_VERSIONS,
     ) -> None:
         self.where = S3Location.parse(url)
         self.objects = Objects(self.where.bucket, client)
+        self._client_given = client is not None
         name = "~".join([self.where.bucket, *self.where.prefix.split("/")]).rstrip("~")
         self.cache = BundleCache(Path(cache_dir) / name)
         self.lock_lease_s = lock_lease_s
+        self.cache_versions = cache_versions
+        self._held: dict[str, LeaseLock] = {}  # deployment -> the repair lock this store holds
 
     @property
     def location(self) -> str:
@@ -165,13 +177,49 @@ class S3Store(BundleStore):
         data = self._manifest_bytes(deployment, version)
         cached = self.cache.cached(deployment, version, data)
         if cached is not None:
+            self.cache.touch(deployment, version)
             return cached
 
         def fetch(sha256: str, target: Path) -> str | None:
             return self.objects.download(self._key(deployment, BLOBS, sha256), target)
 
         where = self._url(self._key(deployment, VERSIONS, version))
-        return self.cache.fill(deployment, version, data, fetch, where)
+        installed = self.cache.fill(deployment, version, data, fetch, where)
+        self.cache.touch(deployment, version)
+        self._prune(deployment, version)
+        return installed
+
+    def read_file(self, deployment: str, version: str, rel: str) -> bytes:
+        """One listed file of a published version: one GET of its blob, checked against the
+        manifest's sha256 (the bundle is not downloaded). ``FileNotFoundError`` if the
+        manifest lists no ``rel``; ``BundleIntegrityError`` if its blob is missing or damaged."""
+        expected = self.manifest(deployment, version).files.get(rel)
+        if expected is None:
+            raise FileNotFoundError(f"version {version} of {deployment!r} has no file {rel!r}")
+        fetched = self.objects.get(self._key(deployment, BLOBS, expected))
+        where = self._url(self._key(deployment, VERSIONS, version))
+        if fetched is None:
+            raise BundleIntegrityError(f"{where}: listed file {rel!r} is missing")
+        if hashlib.sha256(fetched.body).hexdigest() != expected:
+            raise BundleIntegrityError(f"{where}: file {rel!r} fails its sha256 check")
+        return fetched.body
+
+    def _prune(self, deployment: str, installed: str) -> None:
+        """Bound the cache after an install: keep the active version, ``installed`` and the
+        most recently used others (``cache_versions`` in all); never fails the caller."""
+        try:
+            active = self.active(deployment)
+            protect = {installed} if active is None else {installed, active}
+            for path in self.cache.prune(deployment, protect, self.cache_versions):
+                logger.info("removed the cached copy %s (keeping %d)", path, self.cache_versions)
+        except (StoreError, OSError) as err:
+            logger.warning("could not prune the cache of %s: %s", deployment, err)
+
+    def _check_lock(self, deployment: str) -> None:
+        """``LockLostError`` if this store holds the deployment's repair lock and lost it."""
+        lock = self._held.get(deployment)
+        if lock is not None:
+            lock.check()
 
     # --- publishing ---
 
@@ -196,9 +244,11 @@ class S3Store(BundleStore):
             verify_bundle(tmp)
             for rel, sha256 in sorted(manifest.files.items()):
                 self.objects.upload(self._key(deployment, BLOBS, sha256), tmp / rel, sha256)
+            self._check_lock(deployment)  # a repair that lost its lock publishes nothing
             version = self._claim(deployment, tmp, manifest, version)
             with contextlib.suppress(OSError):  # published: keeping a local copy is a bonus
                 self.cache.install(deployment, version, tmp)
+                self._prune(deployment, version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if activate:
@@ -279,6 +329,7 @@ class S3Store(BundleStore):
         every reader sees the old pointer or the new one. A rejected candidate is refused
         (:class:`models.store_base.RejectedCandidateError`)."""
         check_activatable(verify_bundle(self.path(deployment, version)))
+        self._check_lock(deployment)  # a repair that lost its lock activates nothing
         body = {
             "version": version,
             "activated": utc_now_iso(),
@@ -296,13 +347,25 @@ class S3Store(BundleStore):
         A lease lock object (:mod:`models.s3_lock`): created with a conditional put,
         renewed every third of ``lock_lease_s`` while the block runs, deleted at its end. A
         holder killed without releasing it blocks repairs until its lease has run out.
+        While it is held, :meth:`publish` and :meth:`activate` of the deployment through this
+        store raise :class:`models.store_names.LockLostError` once the lock is lost.
         """
         self._require_deployment(deployment)
+        renew = self.objects
+        if not self._client_given:  # short timeouts: a renewal never outlasts the lease
+            renew = Objects(self.where.bucket, lock_client(self.lock_lease_s))
         lock = LeaseLock(
-            self.objects, self._key(deployment, REPAIR_LOCK), lease_s=self.lock_lease_s
+            self.objects,
+            self._key(deployment, REPAIR_LOCK),
+            lease_s=self.lock_lease_s,
+            renew_objects=renew,
         )
         with lock.held(f"a repair of deployment {deployment!r}", blocking=blocking) as key:
-            yield key
+            self._held[deployment] = lock
+            try:
+                yield key
+            finally:
+                self._held.pop(deployment, None)
 
     # --- housekeeping ---
 
@@ -310,7 +373,11 @@ class S3Store(BundleStore):
         self, deployment: str | None = None, *, older_than_s: float = DEFAULT_STALE_TMP_SECONDS
     ) -> list[str]:
         """Remove blobs no manifest lists (older than ``older_than_s``, so those of a publish
-        still running stay), and local copies of versions that are gone; returns them."""
+        still running stay), and local copies of versions that are gone; returns them.
+
+        Each blob is looked at again (one HEAD) right before it is deleted and kept if it was
+        written since the cutoff: a publish may have uploaded it again after the listing. A
+        version deleted while the manifests are read is skipped."""
         names = [deployment] if deployment is not None else self.deployments()
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         removed: list[str] = []
@@ -318,12 +385,21 @@ class S3Store(BundleStore):
         for name in names:
             versions = self._listed(name, VERSIONS)
             published[name] = set(versions)
-            listed = {sha for v in versions for sha in self.manifest(name, v).files.values()}
+            listed: set[str] = set()
+            for v in versions:
+                try:
+                    listed.update(self.manifest(name, v).files.values())
+                except UnknownVersionError:  # deleted meanwhile: its blobs are unused
+                    published[name].discard(v)
             prefix = self._key(name, BLOBS) + "/"
             for key, modified in list(self.objects.listing(prefix)):
-                if key[len(prefix) :] not in listed and modified < cutoff:
-                    self.objects.delete(key)
-                    removed.append(self._url(key))
+                if key[len(prefix) :] in listed or modified >= cutoff:
+                    continue
+                now_modified = self.objects.last_modified(key)
+                if now_modified is None or now_modified >= cutoff:  # gone, or uploaded again
+                    continue
+                self.objects.delete(key)
+                removed.append(self._url(key))
         kept = self.cache.cleanup(
             lambda d, v: d not in published or v in published[d], older_than_s
         )

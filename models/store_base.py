@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import shutil
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,14 @@ class BundleStore(abc.ABC):
         """Hold the deployment's repair lock for a ``with`` block: ``RepairLockedError`` at
         once when another process holds it, or with ``blocking=True`` wait for it."""
 
+    @abc.abstractmethod
+    def cleanup(
+        self, deployment: str | None = None, *, older_than_s: float = DEFAULT_STALE_TMP_SECONDS
+    ) -> Sequence[str | Path]:
+        """Remove what crashed publishes and deleted versions left behind (older than
+        ``older_than_s``, so a publish still running keeps its files); returns what was
+        removed. Every deployment unless one is named."""
+
     # --- shared by every backend ---
 
     def load(self, deployment: str, version: str | None = None) -> Bundle:
@@ -160,6 +168,15 @@ class BundleStore(abc.ABC):
             if version is None:
                 raise UnknownVersionError(f"deployment {deployment!r} has no active version")
         return load_bundle(self.path(deployment, version))
+
+    def read_file(self, deployment: str, version: str, rel: str) -> bytes:
+        """One file the version's manifest lists, checked against its sha256 (remote backends
+        fetch just that file). ``FileNotFoundError`` if the manifest lists no ``rel``;
+        ``BundleIntegrityError`` if the file is missing or fails its check."""
+        manifest = self.manifest(deployment, version)
+        if rel not in manifest.files:
+            raise FileNotFoundError(f"version {version} of {deployment!r} has no file {rel!r}")
+        return Bundle(self.path(deployment, version), manifest).read_verified(rel)
 
     def rollback(self, deployment: str, version: str | None = None) -> str:
         """Activate ``version``, or else the active version's nearest ancestor that is not a

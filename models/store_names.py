@@ -41,6 +41,11 @@ class RepairLockedError(StoreError):
     """Another process holds the deployment's repair lock (a repair of it is running)."""
 
 
+class LockLostError(RepairLockedError):
+    """This process held the deployment's repair lock and lost it (its lease ran out or another
+    process took it over), so what it was doing under the lock is refused."""
+
+
 class StoreUnavailableError(StoreError):
     """The store could not be reached or refused a request (network, credentials, bucket)."""
 

@@ -29,6 +29,7 @@ from models.nets import Net
 from models.registry import Registry
 from models.spec import InputSpec
 from models.store_base import (
+    DEFAULT_STALE_TMP_SECONDS,
     OVERRIDE_KEY,
     BundleStore,
     RejectedCandidateError,
@@ -598,6 +599,16 @@ def cmd_store_activate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_cleanup(args: argparse.Namespace) -> int:
+    """Remove leftovers older than ``--older-than``: unused blobs, stale temp dirs."""
+    store = _store(args)
+    removed = store.cleanup(args.deployment, older_than_s=args.older_than)
+    for item in removed:
+        print(f"removed {item}")
+    print(f"{len(removed)} removed from {store.location}")
+    return 0
+
+
 def cmd_store_rollback(args: argparse.Namespace) -> int:
     version = _store(args).rollback(args.deployment, args.version)
     print(f"{args.deployment}: rolled back, {version} is active")
@@ -820,6 +831,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(q, required=True, what="")
     q.add_argument("version", nargs="?", type=_version_id)
     q.set_defaults(func=cmd_store_rollback)
+    q = store_sub.add_parser(
+        "cleanup", help="remove what crashed publishes and deleted versions left behind"
+    )
+    q.add_argument("--store", required=True, help="model store (a directory or s3://bucket/prefix)")
+    q.add_argument(
+        "--deployment", type=_deployment_name, help="only this deployment (default: every one)"
+    )
+    q.add_argument(
+        "--older-than",
+        type=_number_type(float, 0.0),
+        default=DEFAULT_STALE_TMP_SECONDS,
+        metavar="SECONDS",
+        help="leave younger leftovers alone: a publish may still be running (default: %(default)g)",
+    )
+    q.set_defaults(func=cmd_store_cleanup)
 
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
     p.add_argument("kind", choices=["attacks", "architectures", "datasets"])

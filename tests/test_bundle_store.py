@@ -403,3 +403,16 @@ def test_active_token_changes_with_every_activation(tmp_path: Path) -> None:
     assert store.active_token(DEPLOYMENT) != second
     with pytest.raises(UnknownDeploymentError):
         store.active_token("other")
+
+
+def test_read_file_returns_one_checked_file(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    publish(store)
+    assert store.read_file(DEPLOYMENT, "v0001", "plots/grid.png") == b"\x89PNG fake"
+    with pytest.raises(FileNotFoundError, match=r"no file 'repair_samples\.png'"):
+        store.read_file(DEPLOYMENT, "v0001", "repair_samples.png")
+    (store.path(DEPLOYMENT, "v0001") / "report.md").write_bytes(b"# changed\n")
+    with pytest.raises(BundleIntegrityError, match=r"report\.md.*sha256"):
+        store.read_file(DEPLOYMENT, "v0001", "report.md")
+    with pytest.raises(UnknownVersionError):
+        store.read_file(DEPLOYMENT, "v0002", "report.md")

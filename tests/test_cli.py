@@ -5,6 +5,7 @@ exit code."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -350,3 +351,25 @@ def test_store_commands(
     (tampered / "badnet.safetensors").write_bytes(b"changed")
     assert main(["store", "import", *store, str(tampered)]) == EXIT_BAD_INPUT
     assert "sha256" in one_error_line(capsys)
+
+
+def test_store_cleanup_removes_old_leftovers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "store"
+    stale, fresh = root / "digits" / ".tmp-crashed", root / "digits" / ".tmp-running"
+    stale.mkdir(parents=True)
+    fresh.mkdir()
+    os.utime(stale, (0, 0))  # a publish that crashed long ago
+    assert main(["store", "cleanup", "--store", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {stale}" in out and "1 removed from" in out
+    assert not stale.exists() and fresh.exists()  # a younger one may be a publish running
+    assert main(["store", "cleanup", "--store", str(root), "--older-than", "0"]) == 0
+    assert not fresh.exists()
+    assert main(["store", "cleanup", "--store", str(root), "--deployment", "other"]) == (
+        EXIT_BAD_INPUT
+    )
+    assert "unknown deployment 'other'" in one_error_line(capsys)
+    assert main(["store", "cleanup", "--store", str(root), "--older-than", "-1"]) == EXIT_USAGE
+    assert "non-negative" in one_error_line(capsys)

@@ -1,19 +1,26 @@
 """The model store on S3-compatible object storage, against a real local S3 server (moto's
 server mode as a child process; a fresh bucket per test): atomic publish with checksums,
 tampered or missing blobs refused, racing publishers, the active pointer and its token,
-rollback, delete with tombstones, the lease repair lock across processes, and two
-``nnoculation serve`` processes that share nothing but the bucket converging on a newly
-activated version by polling."""
+rollback, delete with tombstones, the lease repair lock across processes (its renewals, and
+a lost lock refusing publish and activate), the bounded local cache shared by installers,
+cleanup racing a publish, short client timeouts, and two ``nnoculation serve`` processes that
+share nothing but the bucket converging on a newly activated version by polling."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +29,28 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models.bundle import BundleIntegrityError, Manifest, read_manifest, write_bundle
+from models.bundle import (
+    MANIFEST_NAME,
+    BundleIntegrityError,
+    Manifest,
+    read_manifest,
+    verify_bundle,
+    write_bundle,
+)
 from models.classifiers import build_classifier
 from models.nets import Net
-from models.s3_objects import ConditionFailedError, make_client
+from models.s3_cache import BundleCache
+from models.s3_lock import LeaseLock, lock_client
+from models.s3_objects import ConditionConflictError, ConditionFailedError, Objects, make_client
 from models.s3_store import S3Store
 from models.spec import InputSpec
 from models.store import ModelStore
 from models.store_names import (
     ActiveVersionError,
     InvalidNameError,
+    LockLostError,
     RepairLockedError,
+    StoreUnavailableError,
     UnknownDeploymentError,
     UnknownVersionError,
 )
@@ -278,7 +296,7 @@ def test_delete_leaves_a_tombstone_and_cleanup_drops_unused_blobs(
 LOCK_HOLDER = """
 import sys
 from models.s3_store import S3Store
-store = S3Store(sys.argv[1], sys.argv[2], lock_lease_s=2)
+store = S3Store(sys.argv[1], sys.argv[2], lock_lease_s=6)
 with store.repair_lock(sys.argv[3]):
     print("locked", flush=True)
     sys.stdin.readline()
@@ -288,9 +306,10 @@ with store.repair_lock(sys.argv[3]):
 def test_repair_lock_is_exclusive_renewed_and_expires_after_a_crash(
     bucket: str, tmp_path: Path
 ) -> None:
-    store = S3Store(bucket, tmp_path / "cache", lock_lease_s=2)
+    # A 6 s lease, waits of 1.5 leases: safe against S3's 1 s timestamps on a loaded machine.
+    store = S3Store(bucket, tmp_path / "cache", lock_lease_s=6)
     store.publish(NAME, writer())
-    other = S3Store(bucket, tmp_path / "other", lock_lease_s=2)
+    other = S3Store(bucket, tmp_path / "other", lock_lease_s=6)
     with store.repair_lock(NAME) as key:
         assert key == store.where.key(NAME, "REPAIR_LOCK")
         with pytest.raises(RepairLockedError, match="already running"), other.repair_lock(NAME):
@@ -305,8 +324,8 @@ def test_repair_lock_is_exclusive_renewed_and_expires_after_a_crash(
     )  # fmt: skip
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-        threading.Event().wait(3.0)  # longer than the lease: the holder renews it
-        with pytest.raises(RepairLockedError, match=r"lease 2 s"), store.repair_lock(NAME):
+        threading.Event().wait(9.0)  # longer than the lease: the holder renews it
+        with pytest.raises(RepairLockedError, match=r"lease 6 s"), store.repair_lock(NAME):
             pass
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no release: the lease has to run out
@@ -316,7 +335,225 @@ def test_repair_lock_is_exclusive_renewed_and_expires_after_a_crash(
         with store.repair_lock(NAME):
             return True
 
-    wait_until(taken, 10, "the dead holder's lease to run out", interval_s=0.5)
+    wait_until(taken, 20, "the dead holder's lease to run out", interval_s=0.5)
+
+
+def test_a_lost_repair_lock_refuses_publish_and_activate(bucket: str, tmp_path: Path) -> None:
+    store = S3Store(bucket, tmp_path / "cache", lock_lease_s=30)
+    store.publish(NAME, writer(), activate=True)
+    store.publish(NAME, writer(b"# two\n", "v0001"), "v0001")
+    client = make_client()
+    key = store.where.key(NAME, "REPAIR_LOCK")
+    intruder = json.dumps({"holder": "elsewhere:1:x", "lease_s": 30}).encode()
+
+    def take_over() -> None:  # what another process does once it thinks our lease ran out
+        client.put_object(Bucket=store.where.bucket, Key=key, Body=intruder)
+
+    with store.repair_lock(NAME):
+        store.publish(NAME, writer(b"# three\n"))  # still ours: allowed
+        take_over()  # the renewer (every 10 s) has not noticed: the check reads the object
+        with pytest.raises(LockLostError, match="lost the lock"):
+            store.publish(NAME, writer(b"# late\n"))
+        with pytest.raises(LockLostError):
+            store.activate(NAME, "v0002")
+        with pytest.raises(RepairLockedError):  # a LockLostError: the CLI exits 6
+            store.rollback(NAME, "v0002")
+    assert store.versions(NAME) == ["v0001", "v0002", "v0003"] and store.active(NAME) == "v0001"
+    assert json.loads(client.get_object(Bucket=store.where.bucket, Key=key)["Body"].read()) == {
+        "holder": "elsewhere:1:x", "lease_s": 30,
+    }  # fmt: skip
+    store.publish(NAME, writer(b"# four\n"))  # no lock held: nothing to check
+    client.delete_object(Bucket=store.where.bucket, Key=key)
+    # The renewal thread notices a takeover by itself (and stops renewing).
+    quick = S3Store(bucket, tmp_path / "quick", lock_lease_s=3)
+    with quick.repair_lock(NAME):
+        lock = quick._held[NAME]
+        take_over()
+        wait_until(lock.lost.is_set, 10, "the renewer to notice the takeover", interval_s=0.2)
+        with pytest.raises(LockLostError):
+            quick.activate(NAME, "v0002")
+    assert store.active(NAME) == "v0001"
+
+
+class FlakyObjects(Objects):
+    """Objects whose next puts fail as scripted: ``retried`` (the write succeeds, then its
+    retry answers 412, as botocore's does), ``conflict`` (409, nothing written), ``error``."""
+
+    def __init__(self, bucket: str, faults: list[str]) -> None:
+        super().__init__(bucket)
+        self.faults, self.puts = faults, 0
+
+    def put(self, key: str, body: bytes, **kwargs: Any) -> str:
+        self.puts += 1
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "retried":
+            super().put(key, body, **kwargs)
+            raise ConditionFailedError(f"{key}: PreconditionFailed (a retry of a stored put)")
+        if fault == "conflict":
+            raise ConditionConflictError(f"{key}: ConditionalRequestConflict")
+        if fault == "error":
+            raise RuntimeError("not a StoreError: the renewer must survive it too")
+        return super().put(key, body, **kwargs)
+
+
+def test_renewals_survive_retried_puts_conflicts_and_errors(bucket: str, tmp_path: Path) -> None:
+    store = S3Store(bucket, tmp_path / "cache")
+    store.publish(NAME, writer())
+    key = store.where.key(NAME, "REPAIR_LOCK")
+    renew = FlakyObjects(store.where.bucket, ["retried", "conflict", "error"])
+    lock = LeaseLock(store.objects, key, lease_s=3, renew_objects=renew)
+    with lock.held("a test repair"):
+        wait_until(lambda: renew.puts >= 4, 10, "four renewals", interval_s=0.1)
+        assert not lock.lost.is_set()
+        lock.check()  # still ours
+        rival = LeaseLock(store.objects, key, lease_s=3)
+        with pytest.raises(RepairLockedError), rival.held("a rival repair"):
+            pass
+    assert not store.objects.exists(key)  # released with the ETag the renewer adopted
+
+
+def test_a_hung_server_costs_seconds_not_minutes(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for key, value in aws_env(f"http://127.0.0.1:{silent.getsockname()[1]}").items():
+            monkeypatch.setenv(key, value)
+        config = make_client().meta.config
+        assert (config.connect_timeout, config.read_timeout) == (3, 10)
+        assert config.retries == {"mode": "standard", "total_max_attempts": 3}
+        lock_config = lock_client(30).meta.config  # the default lease
+        assert (lock_config.connect_timeout, lock_config.read_timeout) == (2.25, 2.25)
+        assert lock_config.retries["total_max_attempts"] == 1
+        objects = Objects("nnoc-hung", lock_client(15))  # a renewal of a 15 s lease
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="timeout"):
+            objects.put("k", b"renewal", if_match='"etag"')
+        assert time.monotonic() - started < 15 / 3
+
+
+def local_fetch(source: Path, manifest: Manifest) -> Any:
+    """A cache ``fetch`` that copies blobs from a bundle on disk."""
+    by_sha = {sha: source / rel for rel, sha in manifest.files.items()}
+
+    def fetch(sha256: str, target: Path) -> str | None:
+        shutil.copyfile(by_sha[sha256], target)
+        return hashlib.sha256(target.read_bytes()).hexdigest()
+
+    return fetch
+
+
+def test_installers_of_one_version_keep_the_first_copy(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    manifest = writer()(source, "v0001")
+    data, fetch = (source / MANIFEST_NAME).read_bytes(), local_fetch(source, manifest)
+    cache = BundleCache(tmp_path / "cache")
+    first = cache.fill(NAME, "v0001", data, fetch, "test")
+    inode = first.stat().st_ino
+    # Another worker downloaded the same version meanwhile: it uses the copy in place (which
+    # the first may be loading from) and drops its own.
+    assert cache.fill(NAME, "v0001", data, fetch, "test") == first
+    assert first.stat().st_ino == inode
+    results: list[Path] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def install() -> None:
+        try:
+            start.wait(10)
+            results.append(cache.fill(NAME, "v0001", data, fetch, "test"))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=install) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and results == [first] * 4
+    assert first.stat().st_ino == inode and verify_bundle(first).version == "v0001"
+    assert [p.name for p in (cache.root / NAME).iterdir()] == ["v0001"]  # no temp dirs left
+    # Only a copy that fails verification is replaced.
+    (first / "report.md").write_bytes(b"# damaged\n")
+    assert cache.fill(NAME, "v0001", data, fetch, "test") == first
+    assert first.stat().st_ino != inode and verify_bundle(first).version == "v0001"
+
+
+def test_the_cache_keeps_the_active_and_the_most_recently_used_versions(
+    bucket: str, tmp_path: Path
+) -> None:
+    store = S3Store(bucket, tmp_path / "publisher")
+    for i in range(5):
+        store.publish(NAME, writer(f"# {i}\n".encode()))
+    store.activate(NAME, "v0001")
+
+    def cached(s: S3Store) -> list[str]:
+        return sorted(p.name for p in (s.cache.root / NAME).iterdir())
+
+    assert cached(store) == ["v0001", "v0004", "v0005"]  # 3 by default
+    reader = S3Store(bucket, tmp_path / "reader")
+    for version in ("v0002", "v0003", "v0004", "v0005"):
+        reader.path(NAME, version)
+    assert cached(reader) == ["v0003", "v0004", "v0005"]  # v0001 is active but not cached here
+    reader.path(NAME, "v0003")  # used again: now the most recently used
+    reader.load(NAME)  # the active one
+    assert cached(reader) == ["v0001", "v0003", "v0005"]
+    assert (reader.path(NAME, "v0004") / "report.md").read_bytes() == b"# 3\n"
+    assert cached(reader) == ["v0001", "v0003", "v0004"]
+    one = S3Store(bucket, tmp_path / "one", cache_versions=1)
+    one.path(NAME, "v0002")
+    one.path(NAME, "v0003")
+    assert cached(one) == ["v0003"]
+
+
+def test_cleanup_looks_at_each_blob_again_and_skips_vanished_versions(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = S3Store(bucket, tmp_path / "cache")
+    store.publish(NAME, writer())
+    store.publish(NAME, writer(b"# two\n"))
+    unused = blob_key(store, store.manifest(NAME, "v0002"), "report.md")
+    kept = set(store.manifest(NAME, "v0001").files.values())
+    only_v2 = {sha for sha in store.manifest(NAME, "v0002").files.values() if sha not in kept}
+    store.delete(NAME, "v0002")
+    listing = store.objects.listing
+
+    def listed_long_ago(prefix: str) -> Iterator[tuple[str, datetime]]:
+        for key, _modified in listing(prefix):  # as if a publish uploaded it again since
+            yield key, datetime(2000, 1, 1, tzinfo=UTC)
+
+    monkeypatch.setattr(store.objects, "listing", listed_long_ago)
+    assert store.cleanup(NAME) == []  # each blob's HEAD says it is younger than an hour
+    assert store.objects.exists(unused)
+    versions = store._listed
+    monkeypatch.setattr(  # a version deleted between the listing and reading its manifest
+        store, "_listed", lambda d, f: [*versions(d, f), *(["v0009"] if f == "versions" else [])]
+    )
+    time.sleep(1.1)  # S3's timestamps have 1 s resolution
+    removed = store.cleanup(NAME, older_than_s=0)
+    assert sorted(removed) == sorted(
+        f"s3://{store.where.bucket}/{store.where.key(NAME, 'blobs', sha)}" for sha in only_v2
+    )
+    assert S3Store(bucket, tmp_path / "fresh").load(NAME, "v0001").manifest.version == "v0001"
+
+
+def test_read_file_fetches_one_checked_file(bucket: str, tmp_path: Path) -> None:
+    store = S3Store(bucket, tmp_path / "publisher")
+    store.publish(NAME, writer())
+    reader = S3Store(bucket, tmp_path / "reader")
+    assert reader.read_file(NAME, "v0001", "plots/grid.png") == b"\x89PNG fake"
+    assert not (reader.cache.root / NAME).exists()  # the bundle was not downloaded
+    with pytest.raises(FileNotFoundError, match="no file 'repair_samples"):
+        reader.read_file(NAME, "v0001", "repair_samples.png")
+    with pytest.raises(UnknownVersionError):
+        reader.read_file(NAME, "v0009", "report.md")
+    key = blob_key(store, store.manifest(NAME, "v0001"), "report.md")
+    client = make_client()
+    client.put_object(Bucket=store.where.bucket, Key=key, Body=b"# evil\n")
+    with pytest.raises(BundleIntegrityError, match=r"report\.md.*sha256"):
+        reader.read_file(NAME, "v0001", "report.md")
+    client.delete_object(Bucket=store.where.bucket, Key=key)
+    with pytest.raises(BundleIntegrityError, match=r"report\.md.*missing"):
+        reader.read_file(NAME, "v0001", "report.md")
 
 
 def test_store_commands_on_a_bucket(
@@ -334,6 +571,14 @@ def test_store_commands_on_a_bucket(
     assert "v0001 is active" in capsys.readouterr().out
     assert S3Store(bucket, tmp_path / "check").active(NAME) == "v0001"
     assert (tmp_path / "cli-cache").is_dir()
+    orphan = S3Store(bucket, tmp_path / "check").where.key(NAME, "blobs", "0" * 64)
+    make_client().put_object(Bucket=bucket[5:].split("/")[0], Key=orphan, Body=b"left over")
+    assert main(["store", "cleanup", "--store", bucket]) == 0  # younger than an hour: kept
+    assert "0 removed from" in capsys.readouterr().out
+    time.sleep(1.1)  # S3's timestamps have 1 s resolution
+    assert main(["store", "cleanup", "--store", bucket, "--older-than", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed {bucket[:5]}{bucket[5:].split('/')[0]}/{orphan}" in out and "1 removed" in out
 
 
 def test_settings_take_a_directory_or_a_checked_s3_url(tmp_path: Path) -> None:

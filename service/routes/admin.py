@@ -339,11 +339,13 @@ async def version_samples(
     version: VersionPath,
 ) -> Response:
     await _version_or_404(rt, version)
-    bundle_dir = await asyncio.to_thread(rt.store.path, rt.settings.deployment, version)
-    path = bundle_dir / "repair_samples.png"
-    if not path.is_file():
-        raise HTTPException(404, f"version {version} was not made by a repair")
-    return Response(await asyncio.to_thread(path.read_bytes), media_type="image/png")
+    try:  # just this file (one GET on an s3:// store), checked against the manifest
+        data = await asyncio.to_thread(
+            rt.store.read_file, rt.settings.deployment, version, "repair_samples.png"
+        )
+    except FileNotFoundError:
+        raise HTTPException(404, f"version {version} was not made by a repair") from None
+    return Response(data, media_type="image/png")
 
 
 @router.post(
