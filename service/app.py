@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 import nnoculation
+from models.store import StoreUnavailableError
 from service import housekeeping
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContext
@@ -73,6 +74,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         )
         return JSONResponse(
             {"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": ", ".join(allowed)}
+        )
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(request: Request, err: Exception) -> JSONResponse:
+        # An s3:// store that does not answer (network, credentials, bucket): retry later; the
+        # version already loaded keeps serving predictions meanwhile.
+        logger.warning("store unavailable: %s %s: %s", request.method, request.url.path, err)
+        return JSONResponse(
+            {"detail": f"the model store is unavailable: {err}"},
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(Exception)

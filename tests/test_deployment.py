@@ -83,3 +83,45 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_an_unreachable_store_answers_503_not_404(
+    tiny_deployment: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that does not answer (an s3:// bucket behind a broken network) is not a missing
+    version: admin routes say 503 with Retry-After, and predictions go on from memory."""
+    from fastapi.testclient import TestClient  # imported here: it warns at import
+
+    from models.store import StoreUnavailableError
+    from tests.online import ADMIN_TOKEN, publish
+
+    source, _attack, test = tiny_deployment
+    publish(tmp_path / "store", source)
+    settings = ServiceSettings(
+        redis_url=DEFAULT_REDIS_URL, key_prefix=new_prefix(), deployment=DEPLOYMENT,
+        store_root=tmp_path / "store", spool_dir=tmp_path / "spool", workers=1,
+        admin_token=ADMIN_TOKEN,
+    )  # fmt: skip
+    app = create_app(settings)
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreUnavailableError("S3 get_object s3://bucket/tiny/...: connection refused")
+
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app) as client:
+        store = app.state.runtime.store
+        for name in ("manifest", "versions", "activate", "read_file"):
+            monkeypatch.setattr(store, name, unreachable)
+        answers = [
+            client.get("/admin/versions/v0001", headers=headers),
+            client.get("/admin/versions", headers=headers),
+            client.post("/admin/versions/v0001/activate", headers=headers),
+            client.get("/admin/versions/v0001/samples.png", headers=headers),
+        ]
+        predicted = client.post(
+            "/predict", content=encode_png(test.images[0]), headers={"content-type": "image/png"}
+        )
+    assert [a.status_code for a in answers] == [503] * 4, [a.text for a in answers]
+    assert all(a.headers["retry-after"] == "5" for a in answers)
+    assert "model store is unavailable" in answers[0].json()["detail"]
+    assert predicted.status_code == 200

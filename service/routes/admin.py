@@ -13,7 +13,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from models.bundle import BundleError
-from models.store import RejectedCandidateError, StoreError
+from models.store import RejectedCandidateError, StoreError, StoreUnavailableError
 from models.store_base import MAX_OVERRIDE_REASON, OVERRIDE_KEY, rejected_candidate
 from nnoculation.inputs import encode_png
 from nnoculation.online.announce import announce_activation
@@ -68,6 +68,8 @@ async def _version_or_404(rt: Runtime, version: str) -> None:
     not the whole bundle), off the event loop."""
     try:
         await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
+    except StoreUnavailableError:
+        raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
 
@@ -304,7 +306,9 @@ async def list_versions(
         deployment = rt.settings.deployment
         try:
             versions = rt.store.versions(deployment)
-        except StoreError:
+        except StoreUnavailableError:
+            raise
+        except StoreError:  # nothing published yet
             versions = []
         active = rt.swapper.active_version()
         return {
@@ -372,6 +376,8 @@ async def activate(
         return await _activate_with(rt, rt.store.activate, version, "admin")
     try:
         manifest = await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
+    except StoreUnavailableError:
+        raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
     if rejected_candidate(manifest) is None:
@@ -414,6 +420,8 @@ async def _activate_with(
     except BundleError as err:
         refused = version or "to roll back to"
         raise HTTPException(422, f"version {refused} is refused: {err}") from None
+    except StoreUnavailableError:
+        raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
     except ValueError as err:  # an override the store refuses (e.g. its reason)
@@ -436,6 +444,8 @@ async def delete_version(
         raise HTTPException(409, f"{version} is the active version; activate another first")
     try:
         await asyncio.to_thread(rt.store.delete, rt.settings.deployment, version)
+    except StoreUnavailableError:
+        raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
         raise HTTPException(409, str(err)) from None
     return {"deleted": version}
