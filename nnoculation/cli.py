@@ -310,8 +310,23 @@ def _store_target(args: argparse.Namespace) -> tuple[BundleStore, str] | None:
     return _store(args), args.deployment
 
 
+def _search_speed(args: argparse.Namespace) -> dict[str, Any]:
+    """``--exact``, ``--prune-margin``, ``--cells-at-once`` as PredeployConfig fields."""
+    if args.prune_margin is not None and (args.exact or args.full_grid):
+        raise UsageError(
+            "--prune-margin is a shortcut that is not provably exact: not with "
+            + ("--exact" if args.exact else "--full-grid")
+        )
+    return {
+        "exact": args.exact,
+        "prune_margin": args.prune_margin,
+        "cells_at_once": args.cells_at_once,
+    }
+
+
 def cmd_predeploy(args: argparse.Namespace) -> int:
     _check_arch_kwargs(args)
+    speed = _search_speed(args)
     target = _store_target(args)
     badnet, recipe, floor, attack = _load_badnet(args)
     if args.validation_source is not None:
@@ -331,6 +346,7 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         fresh_noise=args.fresh_noise,
         full_grid=args.full_grid,
         seed=args.seed,
+        **speed,
     )
     outcome = predeploy_to_dir(
         badnet,
@@ -702,6 +718,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=PredeployConfig.batch_size)
     p.add_argument("--fresh-noise", action="store_true", help="redraw the noise every epoch")
     p.add_argument("--full-grid", action="store_true", help="train every cell (Figure 4 / Table 2)")
+    p.add_argument(
+        "--exact", action="store_true", help="only provably exact speed-ups (the whole grid's pick)"
+    )
+    p.add_argument(
+        "--prune-margin",
+        type=_share,
+        help="stop a cell whose hold-out CA after an epoch is this far below the bar "
+        "(not provably exact; default: never)",
+    )
+    p.add_argument(
+        "--cells-at-once",
+        type=_positive_int,
+        default=PredeployConfig.cells_at_once,
+        help="cells trained together as one batched model (pays on a GPU; default 1)",
+    )
     p.add_argument("--attack-spec", help="attack.json to measure ASR with (evaluation only)")
     p.add_argument(
         "--evaluate-attack",

@@ -1,0 +1,398 @@
+"""Pre-deployment search speed: the old search (one cell at a time, exact) against the new one
+(by default the same search with ``prune_margin``), and the whole grid's pick, for several
+BadNets. Writes ``docs/results/predeploy_speed.{json,md}``.
+
+Entries (``--only NAME`` runs one): the zoo's small CNN, the zoo's BatchNorm CNN
+(``cifar_cnn``), a LeNet-sized BatchNorm net of this benchmark's own trained on the *full*
+Fashion-MNIST training split (so the defender's validation images were in its training set)
+and imported as TorchScript, the same net imported as a ``.pt2`` program, and ResNet-18 on
+28x28. Every BadNet is a patch BadNet; zoo BadNets come from the attack benchmark's cache.
+
+For each: seconds, cells trained and the pick of the old and the new search in the same run,
+the whole grid's pick (``same_pick``: both searches pick the whole grid's cell), the whole
+grid's hold-out CA after every epoch of every cell, and from it the false-stop rate of several
+pruning margins (:func:`nnoculation.predeploy.false_stops`), plus the picked GoodNet's test CA
+and ASR. Results are written after every entry; an entry is reused on a later run only if it
+was made by the same clean commit with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.importing import import_net
+from models.nets import Net
+from models.spec import InputSpec
+from nnoculation.attacks import AttackSpec, get_attack
+from nnoculation.badnets import current_badnet, input_spec_for, load_splits
+from nnoculation.benchmarks.common import (
+    RUNS_DIR,
+    commit,
+    fmt,
+    load_entries,
+    machine,
+    pct1,
+    write_results,
+)
+from nnoculation.data.sources import load_dataset
+from nnoculation.data.splits import Splits
+from nnoculation.metrics import evaluate
+from nnoculation.predeploy import (
+    DEFAULT_ALPHA_MULTIPLES,
+    DEFAULT_CELL_EPOCHS,
+    DEFAULT_GAMMAS,
+    PredeployConfig,
+    PredeployResult,
+    false_stops,
+    run_predeploy,
+)
+from nnoculation.recipes import Recipe, default_recipe
+from nnoculation.reports import markdown_table
+from nnoculation.runtime import configure_threads, default_device, seeded_rng
+from nnoculation.training import TrainConfig, train
+
+COMMAND = "python -m nnoculation.benchmarks.predeploy_speed"
+STEM = "predeploy_speed"
+ATTACK = "patch"
+DEFAULT_PRUNE_MARGIN = 0.3
+MARGINS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)  # false-stop rates measured on the whole grid
+QUICK_ALPHA_MULTIPLES = (1.0, 3.0, 5.0)
+QUICK_GAMMAS = (0.3, 0.6)
+QUICK_EPOCHS = 2
+SECONDS_TARGET = 90.0  # issue 12: first three entries
+SPEEDUP_TARGET = 3.0  # where the old search trains more than 10 cells
+MANY_CELLS = 10
+
+# The benchmark's own LeNet-sized BadNet (batch norm), trained on the full training split.
+LENET_RECIPE = TrainConfig(epochs=2, batch_size=64, lr=1e-3, optimizer="adam", seed=0)
+EXPORT_BATCH_MAX = 4096
+
+
+class LeNetBN(nn.Module):
+    """LeNet-5 sized, with batch norm after each convolution and the first dense layer."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 6, 5, padding=2),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16 * 5 * 5, 120),
+            nn.BatchNorm1d(120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A BadNet to search for, with the attack that measures its ASR (evaluation only)."""
+
+    badnet: Net
+    attack: AttackSpec
+    alpha0: float
+    optimizer: str
+    about: str
+
+
+def _zoo(recipe: Recipe, arch: str, kwargs: dict[str, Any], epochs: int, about: str) -> Any:
+    def make(splits: Splits, runs: Path) -> Subject:
+        r = recipe.with_(arch=arch, arch_kwargs=kwargs, train=recipe.train.with_(epochs=epochs))
+        # The small CNN with the default recipe is the attack benchmark's own patch BadNet.
+        default = r == recipe
+        folder = runs.parent / "attacks" / ATTACK if default else runs / "badnets" / arch
+        bundle, attack, _floor = current_badnet(ATTACK, r, folder, splits)
+        return Subject(bundle.net("badnet"), attack, r.train.lr, r.train.optimizer, about)
+
+    return make
+
+
+def _lenet_files(recipe: Recipe, splits: Splits, runs: Path) -> tuple[Path, Path, AttackSpec]:
+    """The LeNet BadNet as TorchScript and .pt2, trained once (cached by its recipe)."""
+    attack = get_attack(ATTACK, splits.attacker.num_classes, splits.attacker.shape)
+    key = json.dumps(
+        {"recipe": recipe.to_dict(), "train": LENET_RECIPE.to_dict(), "attack": attack.to_dict()},
+        sort_keys=True,
+    )
+    folder = runs / "badnets" / f"lenet_bn-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    script, program = folder / "badnet.torchscript.pt", folder / "badnet.pt2"
+    if script.exists() and program.exists():
+        return script, program, attack
+    source = load_dataset(recipe.dataset)
+    poisoned = attack.poison_training_set(source.train, seed=LENET_RECIPE.seed)  # all 60,000
+    spec = input_spec_for(splits)
+    with seeded_rng(LENET_RECIPE.seed):
+        module = LeNetBN(spec.channels, splits.attacker.num_classes)
+    train(Net(module, "export", spec, splits.attacker.num_classes), poisoned, LENET_RECIPE,
+          desc="LeNet-BN BadNet")  # fmt: skip
+    module.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module), str(script))
+    batch = torch.export.Dim("batch", max=EXPORT_BATCH_MAX)
+    example = (torch.zeros(8, *spec.shape),)
+    exported = torch.export.export(module, example, dynamic_shapes=({0: batch},))
+    torch.export.save(exported, str(program))
+    (folder / "recipe.json").write_text(key + "\n")
+    return script, program, attack
+
+
+def _lenet(which: str, recipe: Recipe) -> Any:
+    def make(splits: Splits, runs: Path) -> Subject:
+        script, program, attack = _lenet_files(recipe, splits, runs)
+        path = script if which == "torchscript" else program
+        spec: InputSpec = input_spec_for(splits)
+        net = import_net(path, spec, splits.attacker.num_classes)
+        about = f"LeNet-BN of the benchmark's own, full training split, imported as {which}"
+        return Subject(net, attack, LENET_RECIPE.lr, LENET_RECIPE.optimizer, about)
+
+    return make
+
+
+def subjects(recipe: Recipe) -> dict[str, Callable[[Splits, Path], Subject]]:
+    """Entry name -> how to make its BadNet."""
+    return {
+        "small_cnn": _zoo(
+            recipe,
+            "small_cnn",
+            dict(recipe.arch_kwargs),
+            recipe.train.epochs,
+            "zoo small CNN (the attack benchmark's patch BadNet)",
+        ),
+        "bn_cnn": _zoo(
+            recipe, "cifar_cnn", {"width": 16}, 2, "zoo BatchNorm CNN (cifar_cnn, width 16)"
+        ),
+        "lenet_bn_torchscript": _lenet("torchscript", recipe),
+        "lenet_bn_pt2": _lenet("pt2", recipe),
+        "resnet18": _zoo(recipe, "resnet18", {}, 1, "zoo ResNet-18 on 28x28 (1 training epoch)"),
+    }
+
+
+def _pick(result: PredeployResult) -> list[float] | None:
+    return None if result.picked is None else [result.picked.alpha, result.picked.gamma]
+
+
+def _summary(result: PredeployResult) -> dict[str, Any]:
+    return {
+        "mode": result.config.mode,
+        "cells_at_once": result.extra.get("cells_at_once", 1),
+        "seconds": round(result.seconds, 1),
+        "cells_trained": result.cells_trained,
+        "cells_pruned": sum(c.pruned_after is not None for c in result.cells),
+        "pick": _pick(result),
+    }
+
+
+def run_entry(
+    name: str, subject: Subject, splits: Splits, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Old search, new search, whole grid (in that order, one after the other)."""
+    grid = {
+        "alpha0": subject.alpha0,
+        "optimizer": subject.optimizer,
+        "alpha_multiples": tuple(args.alpha_multiples),
+        "gammas": tuple(args.gammas),
+        "epochs": args.epochs,
+    }
+    badnet = subject.badnet
+    old = run_predeploy(badnet, splits.retrain, splits.holdout, PredeployConfig(**grid, exact=True))
+    new_cfg = PredeployConfig(
+        **grid, prune_margin=args.prune_margin, cells_at_once=args.cells_at_once
+    )
+    new = run_predeploy(badnet, splits.retrain, splits.holdout, new_cfg)
+    full = run_predeploy(
+        badnet,
+        splits.retrain,
+        splits.holdout,
+        PredeployConfig(**grid, full_grid=True, track_epochs=True),
+    )
+    entry: dict[str, Any] = {
+        "name": name,
+        "about": subject.about,
+        "format": badnet.format,
+        "commit": commit(),
+        "torch": torch.__version__,
+        "device": str(badnet.device),
+        "cpu": machine()["cpu"],
+        "threads": torch.get_num_threads(),
+        "settings": _settings(args),
+        "grid": {**grid, "alphas": list(new_cfg.alphas)},
+        "baseline_holdout_ca": pct1(full.baseline_ca),
+        "old": _summary(old),
+        "new": _summary(new),
+        "full_grid": _summary(full),
+        "same_pick": _pick(old) == _pick(full) and _pick(new) == _pick(full),
+        "speedup": round(old.seconds / new.seconds, 2) if new.seconds > 0 else None,
+        "false_stops": [
+            false_stops(full.cells, full.baseline_ca, full.config.theta, m) for m in MARGINS
+        ],
+        "epoch_cas": {f"{c.alpha:.4g}/{c.gamma:g}": c.epoch_cas for c in full.cells},
+    }
+    t0 = time.perf_counter()
+    badnet_eval = evaluate(badnet, splits.test, subject.attack)
+    entry["badnet"] = {"ca": pct1(badnet_eval.ca), "asr": pct1(max(badnet_eval.asr.values()))}
+    if new.goodnet is not None:
+        good = evaluate(new.goodnet, splits.test, subject.attack)
+        entry["goodnet"] = {"ca": pct1(good.ca), "asr": pct1(max(good.asr.values()))}
+    entry["evaluation_seconds"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes an entry comparable: reused only when these and the commit match."""
+    return {
+        "alpha_multiples": list(args.alpha_multiples),
+        "gammas": list(args.gammas),
+        "epochs": args.epochs,
+        "prune_margin": args.prune_margin,
+        "cells_at_once": args.cells_at_once,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def reusable(entry: dict[str, Any], args: argparse.Namespace, code: str) -> bool:
+    """An earlier entry counts only if the same clean commit made it with the same settings."""
+    return (
+        not code.endswith("-dirty")
+        and code != "unknown"
+        and entry.get("commit") == code
+        and entry.get("settings") == _settings(args)
+    )
+
+
+def _pick_text(pick: list[float] | None) -> str:
+    return "-" if pick is None else f"{pick[0]:.4g} / {pick[1]:.0%}"
+
+
+def markdown(entries: list[dict[str, Any]]) -> str:
+    """The results table (seconds, cells, picks) and the false-stop rates."""
+    rows = []
+    for e in entries:
+        old, new, full = e["old"], e["new"], e["full_grid"]
+        good = e.get("goodnet") or {}
+        rows.append(
+            [
+                e["name"],
+                e["format"],
+                f"{old['seconds']:.0f} ({old['cells_trained']})",
+                f"{new['seconds']:.0f} ({new['cells_trained']}, {new['cells_pruned']} pruned)",
+                f"{e['speedup']:.2f}x" if e["speedup"] else "-",
+                _pick_text(old["pick"]),
+                _pick_text(new["pick"]),
+                _pick_text(full["pick"]),
+                "yes" if e["same_pick"] else "**no**",
+                fmt(good.get("ca")),
+                fmt(good.get("asr")),
+            ]
+        )
+    header = ["BadNet", "format", "old s (cells)", "new s (cells)", "speed-up", "old pick",
+              "new pick", "whole grid", "same_pick", "GoodNet CA %", "GoodNet ASR %"]  # fmt: skip
+    stops = []
+    for e in entries:
+        for fs in e["false_stops"]:
+            stops.append(
+                [
+                    e["name"],
+                    f"{fs['margin']:g}",
+                    str(fs["stopped"]),
+                    str(len(fs["false_stops"])),
+                    f"{100 * fs['false_stop_rate']:.0f} %",
+                    f"{fs['epochs_saved']} / {fs['epochs_total']}",
+                    _pick_text(fs["pick"]),
+                ]
+            )
+    mode = entries[0]["new"]["mode"] if entries else "-"
+    return "\n".join(
+        [
+            "# Pre-deployment search speed",
+            "",
+            f"Old: one cell at a time in search order, stopping at the first eligible cell "
+            f"(`--exact`). New: `{mode}`. Whole grid: every cell (`--full-grid`). Seconds of "
+            "the search itself on this machine, run one after the other in the same process; "
+            "picks are alpha / gamma.",
+            "",
+            markdown_table(header, rows),
+            "",
+            "## What pruning would do, measured on the whole grid",
+            "",
+            "A cell is stopped after an epoch (before the last) when its hold-out CA is more "
+            "than `margin` below the eligibility bar; a false stop is a stopped cell that ends "
+            "eligible; `pick` is what the pruned search would pick.",
+            "",
+            markdown_table(
+                ["BadNet", "margin", "stopped", "false stops", "rate", "epochs saved", "pick"],
+                stops,
+            ),
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--only", help="run this entry only (keeps the others in the file)")
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--runs", default=str(RUNS_DIR / STEM))
+    parser.add_argument("--prune-margin", type=float, default=DEFAULT_PRUNE_MARGIN,
+                        help="the new search's margin; a negative value: none (exact)")  # fmt: skip
+    parser.add_argument("--cells-at-once", type=int, default=1)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"reduced grid: alpha x {QUICK_ALPHA_MULTIPLES}, gammas {QUICK_GAMMAS}, "
+        f"{QUICK_EPOCHS} epochs (to check the benchmark works; not the issue's figures)",
+    )
+    parser.add_argument("--force", action="store_true", help="re-run reusable entries")
+    args = parser.parse_args()
+    args.prune_margin = None if args.prune_margin < 0 else args.prune_margin
+    args.alpha_multiples = QUICK_ALPHA_MULTIPLES if args.quick else DEFAULT_ALPHA_MULTIPLES
+    args.gammas = QUICK_GAMMAS if args.quick else DEFAULT_GAMMAS
+    args.epochs = QUICK_EPOCHS if args.quick else DEFAULT_CELL_EPOCHS
+    configure_threads()
+    recipe = default_recipe(args.dataset)
+    makers = subjects(recipe)
+    if args.only is not None and args.only not in makers:
+        parser.error(f"--only: unknown entry {args.only!r}; known: {', '.join(makers)}")
+    PredeployConfig(alpha0=1.0, prune_margin=args.prune_margin, cells_at_once=args.cells_at_once)
+    if default_device().type != "cpu":
+        print("note: the searches run on the CPU (the nets are loaded there)", flush=True)
+    splits = load_splits(recipe)
+    out, runs = Path(args.out), Path(args.runs)
+    code = commit()
+    entries = {e["name"]: e for e in load_entries(out / f"{STEM}.json")}
+    for name, make in makers.items():
+        if args.only is not None and name != args.only:
+            continue
+        if name in entries and reusable(entries[name], args, code) and not args.force:
+            print(f"{name}: reusing the entry of {code}", flush=True)
+            continue
+        entries[name] = run_entry(name, make(splits, runs), splits, args)
+        print(json.dumps({k: v for k, v in entries[name].items() if k != "epoch_cas"}), flush=True)
+        ordered = [entries[n] for n in makers if n in entries]
+        write_results(out, STEM, ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
+
+
+if __name__ == "__main__":
+    main()
