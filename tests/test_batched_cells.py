@@ -246,6 +246,11 @@ def test_cli_exact_reproduces_full_grid_and_refuses_pruning(
     assert (exact["alpha"], exact["gamma"]) == (full["alpha"], full["gamma"])
     assert exact["mode"] == "exact" and full["mode"] == "full-grid"
     assert full["cells_trained"] == 4 and exact["cells_trained"] <= 4
+    argv = import_argv(tmp_path, out=str(tmp_path / "pruned"), **grid)
+    assert main([*argv, "--prune-margin", "0.5", "--cells-at-once", "2"]) == 0
+    pruned = json.loads((tmp_path / "pruned" / "report.json").read_text())
+    assert pruned["mode"] == "pruned (margin 0.5)" and pruned["batched"]
+    assert (pruned["alpha"], pruned["gamma"]) == (full["alpha"], full["gamma"])
     capsys.readouterr()
     argv = import_argv(tmp_path, out=str(tmp_path / "refused"))
     assert main([*argv, "--exact", "--prune-margin", "0.2"]) == EXIT_USAGE

@@ -206,9 +206,10 @@ def _summary(result: PredeployResult) -> dict[str, Any]:
 
 
 def run_entry(
-    name: str, subject: Subject, splits: Splits, args: argparse.Namespace
+    name: str, subject: Subject, splits: Splits, args: argparse.Namespace, code: str
 ) -> dict[str, Any]:
-    """Old search, new search, whole grid (in that order, one after the other)."""
+    """Old search, new search, whole grid (in that order, one after the other); ``code`` is
+    the commit the running code was loaded from."""
     grid = {
         "alpha0": subject.alpha0,
         "optimizer": subject.optimizer,
@@ -232,7 +233,7 @@ def run_entry(
         "name": name,
         "about": subject.about,
         "format": badnet.format,
-        "commit": commit(),
+        "commit": code,
         "torch": torch.__version__,
         "device": str(badnet.device),
         "cpu": machine()["cpu"],
@@ -370,6 +371,7 @@ def main() -> None:
     args.alpha_multiples = QUICK_ALPHA_MULTIPLES if args.quick else DEFAULT_ALPHA_MULTIPLES
     args.gammas = QUICK_GAMMAS if args.quick else DEFAULT_GAMMAS
     args.epochs = QUICK_EPOCHS if args.quick else DEFAULT_CELL_EPOCHS
+    code = commit()  # before anything runs: the code this process loaded
     configure_threads()
     recipe = default_recipe(args.dataset)
     makers = subjects(recipe)
@@ -380,7 +382,6 @@ def main() -> None:
         print("note: the searches run on the CPU (the nets are loaded there)", flush=True)
     splits = load_splits(recipe)
     out, runs = Path(args.out), Path(args.runs)
-    code = commit()
     entries = {e["name"]: e for e in load_entries(out / f"{STEM}.json")}
     for name, make in makers.items():
         if args.only is not None and name != args.only:
@@ -388,7 +389,7 @@ def main() -> None:
         if name in entries and reusable(entries[name], args, code) and not args.force:
             print(f"{name}: reusing the entry of {code}", flush=True)
             continue
-        entries[name] = run_entry(name, make(splits, runs), splits, args)
+        entries[name] = run_entry(name, make(splits, runs), splits, args, code)
         print(json.dumps({k: v for k, v in entries[name].items() if k != "epoch_cas"}), flush=True)
         ordered = [entries[n] for n in makers if n in entries]
         write_results(out, STEM, ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
