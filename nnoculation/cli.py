@@ -731,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cells-at-once",
         type=_positive_int,
         default=PredeployConfig.cells_at_once,
-        help="cells trained together as one batched model (pays on a GPU; default 1)",
+        help="cells trained together as one batched model (slower on 2 CPU cores; default 1)",
     )
     p.add_argument("--attack-spec", help="attack.json to measure ASR with (evaluation only)")
     p.add_argument(
