@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed \
 	results clean
 
 setup: $(STAMP)
@@ -87,6 +87,11 @@ results-sequential: setup data
 # The fine-tune learning rate's CA / ASR trade-off on the attacks the default repair misses.
 results-repair-lr: setup data
 	$(PY) -m nnoculation.benchmarks.repair_lr --out docs/results
+
+# Pre-deployment search time, old vs new, with the whole grid's pick (issue 12); resumable per
+# entry (--only NAME for one). ResNet-18 is listed but takes hours on 2 CPU cores.
+results-predeploy-speed: setup data
+	$(PY) -m nnoculation.benchmarks.predeploy_speed --out docs/results
 
 results-cyclegan-speed: setup
 	$(PY) -m nnoculation.benchmarks.cyclegan_speed --out docs/results

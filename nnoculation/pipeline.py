@@ -215,6 +215,7 @@ def report_markdown(report: dict[str, Any], result: PredeployResult) -> str:
             f"{len(result.config.alphas) * len(result.config.gammas)} cells in "
             f"{result.seconds:.0f} s.\n"
         )
+    lines.append(f"Search: {result.config.mode}.\n")
     rows = []
     floor = report.get("floor") or {}
     for role, ev in (("BadNet", result.badnet_test), ("GoodNet", result.goodnet_test)):
