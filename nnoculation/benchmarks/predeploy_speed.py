@@ -387,7 +387,12 @@ def main() -> None:
         print("note: the searches run on the CPU (the nets are loaded there)", flush=True)
     splits = load_splits(recipe)
     out, runs = Path(args.out), Path(args.runs)
-    entries = {e["name"]: e for e in load_entries(out / f"{STEM}.json")}
+    # A results file holds the entries of one code commit: entries made by other code are
+    # dropped, not merged (resuming entry by entry works only while the code stays the same).
+    earlier = load_entries(out / f"{STEM}.json")
+    entries = {e["name"]: e for e in earlier if e.get("commit") == code}
+    for stale in sorted({e["name"] for e in earlier} - set(entries)):
+        print(f"{stale}: dropping the entry made by other code", flush=True)
     for name, make in makers.items():
         if args.only is not None and name != args.only:
             continue
