@@ -45,11 +45,14 @@ from models.store_names import (
 )
 from models.store_open import open_store
 from nnoculation.attacks import ATTACKS, AttackSpec, attack_from_dict
+from nnoculation.attacks.triggered_set import is_triggered_set_file, load_triggered_set
 from nnoculation.badnets import DEFAULT_CACHE, load_splits, make_badnet
 from nnoculation.bundle_io import write_bundle_dir_with
+from nnoculation.data.imageset import ImageSet
 from nnoculation.data.sources import DATASETS
 from nnoculation.data.splits import VALIDATION_SOURCES
 from nnoculation.ensemble import Ensemble
+from nnoculation.metrics import TriggeredSetAttack
 from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir, publish_deployment
 from nnoculation.predeploy import (
     DEFAULT_ALPHA_MULTIPLES,
@@ -331,10 +334,11 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
     badnet, recipe, floor, attack = _load_badnet(args)
     if args.validation_source is not None:
         recipe = recipe.with_validation_source(args.validation_source)
+    evaluated: AttackSpec | TriggeredSetAttack | None = attack
     if args.attack_spec:
-        attack = _attack_arg(args.attack_spec)
+        evaluated = _attack_arg(args.attack_spec)
     elif not args.evaluate_attack:
-        attack = None
+        evaluated = None
     cfg = PredeployConfig(
         alpha0=args.alpha0 if args.alpha0 is not None else recipe.train.lr,
         optimizer=args.optimizer if args.optimizer is not None else recipe.train.optimizer,
@@ -348,12 +352,16 @@ def cmd_predeploy(args: argparse.Namespace) -> int:
         seed=args.seed,
         **speed,
     )
+    splits = load_splits(recipe)
+    if isinstance(evaluated, TriggeredSetAttack):
+        _check_attack_fits(evaluated, splits.test)
+        floor = None  # the BadNet bundle's floor is its catalog attack's, not this one's
     outcome = predeploy_to_dir(
         badnet,
-        load_splits(recipe),
+        splits,
         cfg,
         Path(args.out),
-        attack=attack,
+        attack=evaluated,
         floor=floor,
         source={"badnet": str(args.badnet), "recipe": recipe.to_dict()},
         warn=lambda message: print(f"warning: {message}", file=sys.stderr, flush=True),
@@ -391,9 +399,13 @@ def _bundle_recipe(bundle: Bundle, dataset: str | None) -> Recipe:
     return _manifest_recipe(bundle.manifest, dataset)
 
 
-def _attack_arg(path: str | None) -> AttackSpec | None:
+def _attack_arg(path: str | None) -> AttackSpec | TriggeredSetAttack | None:
+    """``--attack-spec``: a catalog attack's ``attack.json``, or a user's own attack as a
+    triggered set ``.npz`` (docs/cli.md); a malformed file is bad input (exit code 4)."""
     if not path:
         return None
+    if is_triggered_set_file(path):
+        return load_triggered_set(path)
     text = Path(path).read_text()
     try:
         return attack_from_dict(json.loads(text))
@@ -402,16 +414,26 @@ def _attack_arg(path: str | None) -> AttackSpec | None:
         raise ValueError(f"{path} is not an attack spec (attack.json): {detail}") from None
 
 
+def _check_attack_fits(attack: AttackSpec | TriggeredSetAttack | None, data: ImageSet) -> None:
+    """A triggered set must fit the data's image shape and classes; checked before any work."""
+    if isinstance(attack, TriggeredSetAttack):
+        attack.check_fits(tuple(data.images.shape[1:]), data.num_classes)
+
+
 def cmd_stream(args: argparse.Namespace) -> int:
     bundle = _deployment(args.bundle)
     attack = _attack_arg(args.attack_spec)
     if attack is None:
         raise UsageError("stream needs --attack-spec: the attacker's side of the simulation")
     splits = load_splits(_bundle_recipe(bundle, args.dataset))
+    _check_attack_fits(attack, splits.stream)
+    triggers = tuple(args.triggers.split(",")) if args.triggers else None
+    if isinstance(attack, TriggeredSetAttack) and triggers and set(triggers) != {attack.name}:
+        raise UsageError(f"--triggers: the triggered set has one trigger, {attack.name!r}")
     cfg = StreamConfig(
         poison_ratio=args.poison_ratio,
         quarantine_size=args.n,
-        triggers=tuple(args.triggers.split(",")) if args.triggers else None,
+        triggers=triggers,
         seed=args.seed,
     )
     ensemble = Ensemble(bundle.net("badnet"), bundle.net("goodnet"))
@@ -457,6 +479,8 @@ def _run_repair(args: argparse.Namespace, bundle: Bundle, cfg: RepairConfig) -> 
     quarantine = load_quarantine(args.quarantine, bundle.spec)
     attack = _attack_arg(args.attack_spec)
     test = load_splits(_bundle_recipe(bundle, None)).test if attack is not None else None
+    if test is not None:
+        _check_attack_fits(attack, test)
     outcome = repair(bundle, quarantine, cfg, test=test, attack=attack)
     _report_repair(args, outcome)
     return outcome
@@ -519,6 +543,7 @@ def _repair_in_store(
         active = store.active(deployment)
         if active is not None:
             test = load_splits(_manifest_recipe(store.manifest(deployment, active), None)).test
+            _check_attack_fits(attack, test)
     done = repair_in_store(
         store,
         deployment,
@@ -733,7 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=PredeployConfig.cells_at_once,
         help="cells trained together as one batched model (slower on 2 CPU cores; default 1)",
     )
-    p.add_argument("--attack-spec", help="attack.json to measure ASR with (evaluation only)")
+    p.add_argument(
+        "--attack-spec",
+        help="attack.json or a triggered set .npz to measure ASR with (evaluation only)",
+    )
     p.add_argument(
         "--evaluate-attack",
         action="store_true",
@@ -748,7 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="simulate deployment: fill the quarantine (sec. 3.3)")
     p.add_argument("--bundle", required=True, help="deployment bundle (or predeploy output dir)")
-    p.add_argument("--attack-spec", help="attack.json: how the attacker poisons the stream")
+    p.add_argument(
+        "--attack-spec",
+        help="attack.json or a triggered set .npz: how the attacker poisons the stream",
+    )
     p.add_argument(
         "--poison-ratio", type=_share, default=DEFAULT_POISON_RATIO, help="fraction in [0, 1]"
     )
@@ -830,7 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=PurifyConfig.min_share,
         help="share of the quarantine at which a BadNet label is taken for a target",
     )
-    p.add_argument("--attack-spec", help="attack.json to measure ASR before/after (evaluation)")
+    p.add_argument(
+        "--attack-spec",
+        help="attack.json or a triggered set .npz to measure ASR before/after (evaluation)",
+    )
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--out", help="output folder (required without --store)")
     p.set_defaults(func=cmd_repair)

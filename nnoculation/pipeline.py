@@ -26,7 +26,7 @@ from nnoculation.predeploy import PredeployConfig, PredeployResult, run_predeplo
 from nnoculation.reports import grid_markdown, heatmap, markdown_table, pct
 
 if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
-    from nnoculation.attacks import AttackSpec
+    from nnoculation.metrics import EvalAttack  # a catalog AttackSpec or a user's triggered set
 
 DEPLOYMENT_DIR = "bundle"
 VALIDATION_GROUP = "validation"
@@ -177,7 +177,7 @@ def validation_tensors(splits: Splits) -> dict[str, Any]:
 
 def build_report(
     result: PredeployResult,
-    attack: AttackSpec | None,
+    attack: EvalAttack | None,
     floor: dict[str, float] | None,
     source: dict[str, Any],
     validation: ValidationCheck | None = None,
@@ -273,7 +273,7 @@ def predeploy_to_dir(
     splits: Splits,
     cfg: PredeployConfig,
     out_dir: Path,
-    attack: AttackSpec | None = None,
+    attack: EvalAttack | None = None,
     floor: dict[str, float] | None = None,
     source: dict[str, Any] | None = None,
     validation: ValidationCheck | None = None,

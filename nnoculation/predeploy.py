@@ -42,7 +42,7 @@ from nnoculation.noise import generator_for, noise_augment
 from nnoculation.training import Optimizer, TrainConfig, train
 
 if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
-    from nnoculation.attacks import AttackSpec
+    from nnoculation.metrics import EvalAttack  # a catalog AttackSpec or a user's triggered set
 
 DEFAULT_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # sec. 4.2.1: 10 %..60 % in steps of 10
 # sec. 4.2.1: alpha0 "increased in multiples". Table 2 goes to 6x; on every Fashion-MNIST
@@ -395,7 +395,7 @@ def run_predeploy(
     holdout: ImageSet,
     cfg: PredeployConfig,
     test: ImageSet | None = None,
-    attack: AttackSpec | None = None,
+    attack: EvalAttack | None = None,
     on_cell: Callable[[Cell], None] | None = None,
 ) -> PredeployResult:
     """Search the grid and return the GoodNet (or ``goodnet=None`` when no cell is within theta).

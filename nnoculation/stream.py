@@ -3,8 +3,10 @@ inputs carries the attacker's trigger runs through the ensemble; disagreements f
 quarantine until it holds N inputs.
 
 The attack spec is used only to *make* the stream (the attacker's side); the ensemble never
-sees it. Which quarantined inputs were really poisoned is recorded for evaluation only, under
-keys prefixed ``eval_`` that the repair never reads.
+sees it. It is a catalog attack (its triggers are applied to stream-pool images) or a user's
+triggered set (its images replace the poisoned stream inputs). Which quarantined inputs were
+really poisoned is recorded for evaluation only, under keys prefixed ``eval_`` that the repair
+never reads.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from nnoculation.attacks import AttackSpec
 from nnoculation.data.imageset import ImageSet
 from nnoculation.ensemble import Ensemble
+from nnoculation.metrics import TriggeredSetAttack
 
 DEFAULT_POISON_RATIO = 0.2  # sec. 5.2: "assuming that 20% of test inputs are poisoned"
 DEFAULT_QUARANTINE_SIZE = 200  # sec. 4.2.2: N = 200
@@ -96,14 +99,17 @@ class StreamResult:
 
 
 def make_stream(
-    pool: ImageSet, attack: AttackSpec, cfg: StreamConfig
+    pool: ImageSet, attack: AttackSpec | TriggeredSetAttack, cfg: StreamConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The stream in arrival order: uint8 images and a poisoned flag per input.
 
     Each input is poisoned with probability ``poison_ratio`` by one of the triggers in use,
     chosen uniformly; the attacker leaves an input clean when its true label already is the
-    trigger's target (there is nothing to gain).
+    trigger's target (there is nothing to gain). A triggered set poisons by replacing the
+    input with one of its own images (see :func:`_stream_from_set`).
     """
+    if isinstance(attack, TriggeredSetAttack):
+        return _stream_from_set(pool, attack, cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     names = cfg.triggers or tuple(t.name for t in attack.triggers)
     triggers = [attack.trigger(n) for n in names]
@@ -121,8 +127,35 @@ def make_stream(
     return images, poisoned
 
 
+def _stream_from_set(
+    pool: ImageSet, attack: TriggeredSetAttack, cfg: StreamConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream for a user's triggered set: the shuffled pool, each input replaced with
+    probability ``poison_ratio`` by a triggered image whose true label differs from its target
+    (each used once, in a seeded random order, before any is used again)."""
+    if cfg.triggers is not None and set(cfg.triggers) != {attack.name}:
+        raise ValueError(
+            f"the triggered set has one trigger, {attack.name!r}; asked for {list(cfg.triggers)}"
+        )
+    attack.check_fits(tuple(pool.images.shape[1:]), pool.num_classes)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pool), generator=g)
+    images = pool.images[order].clone()
+    poisoned = torch.rand(len(pool), generator=g) < cfg.poison_ratio
+    usable = attack.evaluation_set().images
+    idx = torch.nonzero(poisoned).flatten()
+    rounds = -(-idx.numel() // len(usable))  # ceil: how often the set is gone through
+    picks = [torch.randperm(len(usable), generator=g) for _ in range(rounds)]
+    if picks:
+        images[idx] = usable[torch.cat(picks)[: idx.numel()]]
+    return images, poisoned
+
+
 def simulate_stream(
-    ensemble: Ensemble, pool: ImageSet, attack: AttackSpec, cfg: StreamConfig
+    ensemble: Ensemble,
+    pool: ImageSet,
+    attack: AttackSpec | TriggeredSetAttack,
+    cfg: StreamConfig,
 ) -> StreamResult:
     """Feed the stream through the ensemble in batches until N inputs are quarantined (or the
     pool runs out)."""

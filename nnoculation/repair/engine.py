@@ -65,7 +65,7 @@ from nnoculation.runtime import default_device
 from nnoculation.training import Distillation, Optimizer, TrainConfig, train
 
 if TYPE_CHECKING:  # annotations only: importing this module must not load the attack suite
-    from nnoculation.attacks import AttackSpec
+    from nnoculation.metrics import EvalAttack  # a catalog AttackSpec or a user's triggered set
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def repair(
     cfg: RepairConfig,
     *,
     test: ImageSet | None = None,
-    attack: AttackSpec | None = None,
+    attack: EvalAttack | None = None,
     progress: bool = True,
     poison: PoisonModel | None = None,
     on_progress: ProgressCallback | None = None,
