@@ -96,11 +96,11 @@ def test_torchscript_badnet_stays_torchscript(tmp_path: Path) -> None:
 def test_missing_data_and_missing_alpha0_are_clear(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["predeploy", "--badnet", str(tmp_path / "nope.pt"), "--alpha0", "1e-3", "--mean", "0",
-            "--std", "1",
-            "--dataset", str(tmp_path / "none.npz"), "--out", str(tmp_path)]  # fmt: skip
+    # the model file exists (the valid command of the imported-BadNet test): only data is missing
+    argv = import_argv(tmp_path, dataset=str(tmp_path / "none.npz"))
     assert main(argv) == EXIT_BAD_INPUT
-    assert "no such file" in capsys.readouterr().err
+    line = one_error_line(capsys)
+    assert "no such file" in line and "none.npz" in line, line
     argv = ["predeploy", "--badnet", str(tmp_path / "x.pt"), "--dataset", "digits",
             "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == EXIT_USAGE
@@ -113,10 +113,20 @@ def test_missing_data_and_missing_alpha0_are_clear(
 
 
 def test_stream_and_repair_give_clear_errors_for_wrong_bundles(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    deployment_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["stream", "--bundle", str(tmp_path), "--out", str(tmp_path / "q.npz")]) == 4
-    assert "manifest" in capsys.readouterr().err
+    not_a_bundle = tmp_path / "empty"
+    not_a_bundle.mkdir()
+    for command in ("stream", "repair"):
+        # the valid command of test_stream_and_repair_numbers_out_of_range_are_usage_errors,
+        # with an attack spec, so that the bundle is the only thing wrong with it
+        argv = [*valid_argv(command, deployment_files), "--attack-spec",
+                str(deployment_files["attack"])]  # fmt: skip
+        argv[argv.index("--bundle") + 1] = str(not_a_bundle)
+        assert main(argv) == EXIT_BAD_INPUT, command
+        line = one_error_line(capsys)
+        assert "manifest" in line and str(not_a_bundle) in line, (command, line)
+    assert not deployment_files["out"].exists()
 
 
 def test_list_attacks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -142,7 +142,9 @@ def test_gate_refuses_a_repair_that_drops_ca(tiny_net: Net, tmp_path: Path) -> N
     assert not (tmp_path / "never").exists()
 
 
-def test_quarantine_of_the_wrong_shape_is_refused(tiny_net: Net, tmp_path: Path) -> None:
+def test_quarantine_of_the_wrong_shape_is_refused(
+    tiny_net: Net, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, _, _ = make_deployment(tiny_net, tmp_path)
     np.savez(tmp_path / "q.npz", images=np.zeros((4, 28, 28), dtype=np.uint8))
     bundle = load_bundle(path)
@@ -151,7 +153,9 @@ def test_quarantine_of_the_wrong_shape_is_refused(tiny_net: Net, tmp_path: Path)
     argv = ["repair", "--bundle", str(path), "--quarantine", str(tmp_path / "q.npz"),
             "--out", str(tmp_path / "o")]  # fmt: skip
     assert main(argv) == EXIT_BAD_INPUT
-    assert not (tmp_path / "o" / "bundle").exists()
+    err = capsys.readouterr().err.strip()  # exit 4 for this reason, not for another bad input
+    assert len(err.splitlines()) == 1 and "bundle's nets take [1, 12, 12]" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_killed_repair_resumes_from_its_checkpoint(tiny_net: Net, tmp_path: Path) -> None:
@@ -227,3 +231,43 @@ def write(directory: Path, version: str) -> Manifest:
         directory, name="other", version=version, parent=None, spec=net.spec,
         class_names=["a", "b", "c", "d"], nets={"badnet": net},
     )  # fmt: skip
+
+
+def test_a_torchscript_deployment_is_repaired_and_stays_torchscript(tmp_path: Path) -> None:
+    """TorchScript BadNet -> predeploy -> repair from the CLI: both repaired nets are retrained
+    TorchScript nets of a child version, and the reloaded bundle answers as the repair's nets."""
+    spec = InputSpec(1, 8, 8)  # scikit-learn digits, as --dataset digits gives them
+    torch.manual_seed(0)
+    torch.jit.save(
+        torch.jit.script(build_classifier("small_cnn", spec, 10, width=4)),
+        str(tmp_path / "bad.pt"),
+    )
+    deployment = tmp_path / "predeploy"
+    argv = ["predeploy", "--badnet", str(tmp_path / "bad.pt"), "--dataset", "digits",
+            "--alpha0", "1e-3", "--mean", "0", "--std", "1", "--alpha-multiples", "1",
+            "--gammas", "0.3", "--epochs", "1", "--theta", "0.99",
+            "--out", str(deployment)]  # fmt: skip
+    assert main(argv) == 0
+    parent = load_bundle(deployment / "bundle")
+    assert {parent.manifest.nets[r].format for r in ("badnet", "goodnet")} == {"torchscript"}
+    g = torch.Generator().manual_seed(1)
+    quarantine = torch.randint(0, 256, (40, *spec.shape), dtype=torch.uint8, generator=g)
+    quarantine[:, :, -3:, -3:] = 255  # a corner patch stands in for the attacker's trigger
+    q = tmp_path / "q.npz"
+    np.savez(q, images=quarantine.permute(0, 2, 3, 1).numpy())
+    out = tmp_path / "repair"
+    argv = ["repair", "--bundle", str(deployment), "--quarantine", str(q),
+            "--profile", MEAN_DIFF, "--finetune-epochs", "1", "--theta", "0.99",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    verify_bundle(out / "bundle")
+    child = load_bundle(out / "bundle")
+    assert child.manifest.parent == parent.manifest.version
+    assert {child.manifest.nets[r].format for r in ("badnet", "goodnet")} == {"torchscript"}
+    probe = torch.randint(0, 256, (16, *spec.shape), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        for role in ("badnet", "goodnet"):
+            before, after = parent.net(role).logits(probe), child.net(role).logits(probe)
+            assert not torch.allclose(before, after), f"the {role} was not retrained"
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["passed_gate"] is True

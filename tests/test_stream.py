@@ -12,7 +12,7 @@ from models.nets import Net
 from nnoculation.ensemble import Ensemble
 from nnoculation.stream import StreamConfig, make_stream, simulate_stream
 from tests.conftest import synthetic_set
-from tests.deployment_fixtures import make_deployment, patch_attack
+from tests.deployment_fixtures import make_deployment, patch_attack, triggered
 
 
 def test_stream_poisons_the_asked_ratio_and_spares_target_labels() -> None:
@@ -31,12 +31,19 @@ def test_stream_poisons_the_asked_ratio_and_spares_target_labels() -> None:
 
 
 def test_ensemble_answers_goodnet_and_flags_disagreement(tiny_net: Net, tmp_path: Path) -> None:
-    bundle = load_bundle(make_deployment(tiny_net, tmp_path)[0])
-    ensemble = Ensemble(bundle.net("badnet"), bundle.net("goodnet"))
-    images = synthetic_set(64, seed=5).images
-    out = ensemble.classify(images)
-    assert torch.equal(out.labels, out.goodnet_labels)
-    assert torch.equal(out.disagree, out.badnet_labels != out.goodnet_labels)
+    path, attack, test = make_deployment(tiny_net, tmp_path)
+    bundle = load_bundle(path)
+    badnet, goodnet = bundle.net("badnet"), bundle.net("goodnet")
+    images = torch.cat([test.images[:32], triggered(attack, test.images[:32])])
+    bad, good = badnet.predict(images), goodnet.predict(images)  # each net on its own
+    assert int((bad != good).sum()) >= 8, "the check needs inputs on which the nets part ways"
+    out = Ensemble(badnet, goodnet).classify(images)
+    assert torch.equal(out.labels, good), "the answer is the GoodNet's label"
+    assert torch.equal(out.goodnet_labels, good) and torch.equal(out.badnet_labels, bad)
+    assert torch.equal(out.disagree, bad != good)
+    assert torch.equal(Ensemble(badnet, goodnet).predict(images), good)
+    # the nets swapped answer differently, so the checks above tell BadNet from GoodNet
+    assert not torch.equal(Ensemble(goodnet, badnet).classify(images).labels, good)
 
 
 def test_quarantine_fills_to_n_with_poisoned_inputs(tiny_net: Net, tmp_path: Path) -> None:
@@ -49,6 +56,10 @@ def test_quarantine_fills_to_n_with_poisoned_inputs(tiny_net: Net, tmp_path: Pat
     assert result.caught_n_after is not None and result.caught_n_after <= result.inputs_seen
     assert result.precision > 0.7, result.summary()
     assert result.recall > 0.5, result.summary()
+    # every quarantined input is one the two nets, run on their own, disagree on
+    assert torch.equal(result.badnet_labels, bundle.net("badnet").predict(result.images))
+    assert torch.equal(result.goodnet_labels, bundle.net("goodnet").predict(result.images))
+    assert bool((result.badnet_labels != result.goodnet_labels).all())
     saved = result.save_npz(tmp_path / "q.npz")
     with np.load(saved) as data:
         assert data["images"].shape == (40, 12, 12, 1)
