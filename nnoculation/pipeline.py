@@ -276,21 +276,20 @@ def predeploy_to_dir(
     attack: EvalAttack | None = None,
     floor: dict[str, float] | None = None,
     source: dict[str, Any] | None = None,
-    validation: ValidationCheck | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> PredeployOutcome:
     """Run the search and write ``out_dir/{bundle/, report.json, report.md, heatmap_*.png}``.
 
-    Before the search, :func:`check_validation` (unless ``validation`` is given) measures
-    whether the BadNet looks memorised on the validation set; its warning goes to ``warn`` at
-    once and, with the validation set's source, into the reports and the bundle's provenance.
+    Before the search, :func:`check_validation` measures whether the BadNet looks memorised on
+    the validation set; its warning goes to ``warn`` at once and, with the validation set's
+    source, into the reports and the bundle's provenance.
     The bundle is written only when a GoodNet was found; the reports always are, before it.
     A bundle that cannot be written (e.g. torch refuses to export a net) raises
     :class:`PredeploySaveError` naming the pick and the reports, with the GoodNet's weights kept
     in ``out_dir/goodnet_weights.safetensors``.
     """
     badnet.check_trainable()  # a refused net fails before any other work
-    check = validation if validation is not None else check_validation(badnet, splits)
+    check = check_validation(badnet, splits)
     if check.warning and warn is not None:
         warn(check.warning)
     result = run_predeploy(
