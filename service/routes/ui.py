@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -208,20 +209,35 @@ async def version_samples(request: Request, rt: RuntimeDep, version: admin.Versi
 # --- actions (session + CSRF token) ---
 
 
+async def _act(
+    request: Request,
+    rt: Runtime,
+    csrf: str,
+    kind: str,
+    action: Callable[[], Awaitable[Any]],
+    ref: Callable[[Any], object] = lambda result: result["active"],
+) -> HTMLResponse | RedirectResponse:
+    """Run an admin API handler for a form: refused without the session and its CSRF token,
+    the API's error as a page, else back to the dashboard with a notice about ``ref(result)``."""
+    if (refused := _refused(request, rt, csrf)) is not None:
+        return refused
+    try:
+        result = await action()
+    except HTTPException as err:
+        return _failed(err.status_code, err.detail)
+    if isinstance(result, JSONResponse):
+        return _failed(result.status_code, json.loads(bytes(result.body))["detail"])
+    return _done(kind, str(ref(result)))
+
+
 @router.post("/repair", response_model=None)
 async def repair(
     request: Request, rt: RuntimeDep, csrf: CsrfField = ""
 ) -> HTMLResponse | RedirectResponse:
     """``POST /admin/repair``."""
-    if (refused := _refused(request, rt, csrf)) is not None:
-        return refused
-    try:
-        result = await admin.start_repair(rt)
-    except HTTPException as err:
-        return _failed(err.status_code, err.detail)
-    if isinstance(result, JSONResponse):
-        return _failed(result.status_code, json.loads(bytes(result.body))["detail"])
-    return _done("repair", str(result.repair_id))
+    return await _act(
+        request, rt, csrf, "repair", lambda: admin.start_repair(rt), lambda r: r.repair_id
+    )
 
 
 @router.post("/versions/{version}/activate", response_model=None)
@@ -229,13 +245,7 @@ async def activate(
     request: Request, rt: RuntimeDep, version: admin.VersionPath, csrf: CsrfField = ""
 ) -> HTMLResponse | RedirectResponse:
     """``POST /admin/versions/{version}/activate``."""
-    if (refused := _refused(request, rt, csrf)) is not None:
-        return refused
-    try:
-        result = await admin.activate(rt, version)
-    except HTTPException as err:
-        return _failed(err.status_code, err.detail)
-    return _done("activate", str(result["active"]))
+    return await _act(request, rt, csrf, "activate", lambda: admin.activate(rt, version))
 
 
 @router.post("/rollback", response_model=None)
@@ -243,10 +253,4 @@ async def rollback(
     request: Request, rt: RuntimeDep, csrf: CsrfField = ""
 ) -> HTMLResponse | RedirectResponse:
     """``POST /admin/rollback`` (to the active version's parent)."""
-    if (refused := _refused(request, rt, csrf)) is not None:
-        return refused
-    try:
-        result = await admin.rollback(rt, None)
-    except HTTPException as err:
-        return _failed(err.status_code, err.detail)
-    return _done("rollback", str(result["active"]))
+    return await _act(request, rt, csrf, "rollback", lambda: admin.rollback(rt, None))
