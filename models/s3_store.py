@@ -43,6 +43,7 @@ from models.bundle import (
     MANIFEST_NAME,
     BundleIntegrityError,
     Manifest,
+    read_manifest,
     utc_now_iso,
     verify_bundle,
     write_manifest,
@@ -325,10 +326,11 @@ class S3Store(BundleStore):
         return etag
 
     def activate(self, deployment: str, version: str) -> None:
-        """Point ACTIVE at ``version`` after downloading and verifying its bundle; one PUT, so
-        every reader sees the old pointer or the new one. A rejected candidate is refused
+        """Point ACTIVE at ``version`` after downloading and verifying its bundle (``path()``
+        hands out verified copies only); one PUT, so every reader sees the old pointer or the
+        new one. A rejected candidate is refused
         (:class:`models.store_base.RejectedCandidateError`)."""
-        check_activatable(verify_bundle(self.path(deployment, version)))
+        check_activatable(read_manifest(self.path(deployment, version)))
         self._check_lock(deployment)  # a repair that lost its lock activates nothing
         body = {
             "version": version,
