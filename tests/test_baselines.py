@@ -143,6 +143,7 @@ def test_fine_pruning_refuses_what_it_cannot_prune(badnet_setup: Any) -> None:
         {"epochs": -1},
         {"lr": 0.0},
         {"step": 0},
+        {"optimizer": "rmsprop"},
     ):
         with pytest.raises(ValueError):
             FinePruning(**bad)

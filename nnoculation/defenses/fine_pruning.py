@@ -17,7 +17,7 @@ refused with a ``ValueError``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch
 from torch import nn
@@ -45,10 +45,6 @@ class ChannelMask:
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return output * self.mask.view(1, -1, 1, 1).to(output.dtype)
-
-    @property
-    def pruned(self) -> list[int]:
-        return [int(i) for i in torch.nonzero(self.mask == 0).flatten()]
 
 
 def last_conv(net: Net) -> tuple[str, nn.Module, int]:
@@ -122,7 +118,7 @@ class FinePruning:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
-        if optimizer not in ("adam", "sgd", "adadelta"):
+        if optimizer not in get_args(Optimizer):
             raise ValueError(f"unknown optimizer {optimizer!r}")
         if batch_size < 1 or step < 1:
             raise ValueError(f"batch_size and step must be >= 1, got {batch_size}, {step}")
@@ -134,9 +130,7 @@ class FinePruning:
         """Prune a copy of ``inputs.badnet`` and fine-tune it; the BadNet itself is untouched."""
         last_conv(inputs.badnet)  # refuses TorchScript / .pt2 / conv-less nets before any work
         net = inputs.badnet.clone()
-        layer_name, layer, channels = last_conv(net)
-        if self.epochs:
-            net.check_trainable()
+        layer_name, layer, channels = last_conv(net)  # a zoo net: always trainable
         if len(inputs.retrain) == 0 or len(inputs.holdout) == 0:
             raise ValueError("fine-pruning needs clean retrain and hold-out images")
         return timed(lambda: self._run(net, layer_name, layer, channels, inputs), self.name)
