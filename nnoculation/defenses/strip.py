@@ -132,8 +132,8 @@ class Strip:
         self.n, self.frr, self.blend, self.progress = n, frr, blend, progress
 
     def run(self, inputs: DefenseInputs) -> Defended:
-        """Set the threshold on the hold-out clean images; overlays come from ``retrain``."""
-        self._check(inputs)
+        """Set the threshold on the hold-out clean images; overlays come from ``retrain``
+        (:meth:`fit` checks the inputs before any work)."""
         return timed(lambda: self._run(inputs), self.name)
 
     def _check(self, inputs: DefenseInputs) -> None:
