@@ -387,7 +387,7 @@ def reverse_engineer(
             idx = next(batches).to(device)
             mask, pattern = _from_tanh(mask_tanh), PIXEL_MAX * _from_tanh(pattern_tanh)
             x = (1 - mask) * images[idx].float() + mask * pattern
-            logits = frozen.module(frozen.spec.to_model_input(x))
+            logits = frozen.logits(x)
             target = torch.full((len(idx),), label, dtype=torch.int64, device=device)
             reg = mask.sum()
             loss = F.cross_entropy(logits, target) + cost * reg
