@@ -36,11 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from models.nets import Net
-from models.spec import InputSpec
 from nnoculation.attacks import AttackSpec, get_attack
-from nnoculation.badnets import badnet_is_current, current_badnet, load_splits, new_net
+from nnoculation.badnets import (
+    badnet_is_current,
+    current_badnet,
+    input_spec_for,
+    load_splits,
+    new_net,
+)
 from nnoculation.benchmarks.common import RUNS_DIR, commit, machine, pct1, write_results
-from nnoculation.data.imageset import ImageSet
+from nnoculation.data.splits import Splits
 from nnoculation.defenses.base import DefenseInputs
 from nnoculation.defenses.strip import DEFAULT_FRR, DEFAULT_SUPERIMPOSITIONS, Strip
 from nnoculation.metrics import EVAL_SEED, triggered_sets
@@ -140,24 +145,15 @@ def correlations(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"pearson": round(pearson, 4), "spearman": round(spearman, 4)}
 
 
-def spec_for(data: ImageSet) -> InputSpec:
-    """Per-channel normalisation of ``data`` (as :func:`nnoculation.badnets.input_spec_for`)."""
-    x = data.images.to(torch.float32) / 255.0
-    c = x.shape[1]
-    mean = x.transpose(0, 1).reshape(c, -1).mean(dim=1)
-    std = x.transpose(0, 1).reshape(c, -1).std(dim=1).clamp_min(1e-3)
-    _, h, w = data.shape
-    return InputSpec(c, h, w, tuple(mean.tolist()), tuple(std.tolist()))
-
-
-def tiny_badnet(attacker: ImageSet, attack: AttackSpec, seed: int) -> Net:
+def tiny_badnet(splits: Splits, attack: AttackSpec, seed: int) -> Net:
     """A small patch BadNet trained here on part of the attacker's split (when no cached
-    BadNet is current, or with ``--tiny``)."""
+    BadNet is current, or with ``--tiny``), normalised as every BadNet of the project."""
     recipe = default_recipe("fashion-mnist")
     recipe = recipe.with_(arch_kwargs={**recipe.arch_kwargs, "width": TINY_WIDTH})
+    attacker = splits.attacker
     g = torch.Generator().manual_seed(seed)
     part = attacker.subset(torch.randperm(len(attacker), generator=g)[:TINY_ATTACKER_IMAGES])
-    net = new_net(recipe, spec_for(part), part.num_classes)
+    net = new_net(recipe, input_spec_for(splits), part.num_classes)
     cfg = recipe.train.with_(epochs=TINY_EPOCHS, seed=seed)
     train(net, attack.poison_training_set(part, seed=seed), cfg, desc="tiny BadNet")
     return net
@@ -220,7 +216,7 @@ def main() -> None:
         badnet, about = bundle.net("badnet"), f"the attack benchmark's patch BadNet ({folder})"
     else:
         attack = get_attack(ATTACK, splits.attacker.num_classes, splits.attacker.shape)
-        badnet = tiny_badnet(splits.attacker, attack, args.seed)
+        badnet = tiny_badnet(splits, attack, args.seed)
         about = f"a small patch BadNet trained here ({TINY_EPOCHS} epochs, width {TINY_WIDTH})"
     g = torch.Generator().manual_seed(args.seed)
     test = splits.test.subset(torch.randperm(len(splits.test), generator=g)[: args.inputs])
