@@ -58,9 +58,9 @@ COMMAND = "python -m nnoculation.benchmarks.strip_vs_art"
 STEM = "strip_vs_art"
 ATTACK = "patch"
 # Clean test images (and their triggered copies, label != target) and hold-out images the
-# thresholds are set on: with n = 100 every input costs 100 forward passes in each detector,
-# and ART's per-image Python loop is slower still; these sizes keep a run near 3 minutes on
-# 2 CPU cores (500 / 1,000 took 4.8 minutes).
+# thresholds are set on: with n = 100 every input costs 100 forward passes in each detector.
+# At these sizes the two detectors' fits and scores took 45 s on 2 CPU cores with the cached
+# BadNet (docs/results/strip_vs_art.json: fit 16.0 s + 11.9 s, 30 ms + 15 ms per input).
 DEFAULT_INPUTS = 200
 DEFAULT_THRESHOLD_IMAGES = 500
 TINY_ATTACKER_IMAGES = 6000
