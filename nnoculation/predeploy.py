@@ -321,7 +321,7 @@ def _train_group(
 ) -> list[tuple[Cell, Net | None]]:
     """Train the cells of ``group`` (together when ``batched``), returning them with their
     hold-out CA; with ``bar`` a cell whose hold-out CA falls below it after an epoch before the
-    last stops there (``pruned_after``; its net may be ``None``: it can never be picked)."""
+    last stops there (``pruned_after``, and its net is ``None``: it can never be picked)."""
     track = cfg.track_epochs or bar is not None
     history: dict[int, list[float]] = {k: [] for k in range(len(group))}
     pruned: dict[int, int] = {}
@@ -356,7 +356,8 @@ def _train_group(
         outcome = train_batched(
             badnet, jobs, cell_recipe(group[0][0], cfg), check if track else None
         )
-        nets.extend(outcome.nets)
+        # A stopped cell can never be picked: drop its net as a lone run does.
+        nets.extend(None if k in pruned else n for k, n in enumerate(outcome.nets))
         seconds = [outcome.seconds / len(group)] * len(group)
     else:
         for k, (alpha, gamma) in enumerate(group):
@@ -380,7 +381,7 @@ def _train_group(
             seconds.append(time.perf_counter() - t1)
     cells: list[tuple[Cell, Net | None]] = []
     for k, ((alpha, gamma), net) in enumerate(zip(group, nets, strict=True)):
-        ca = history[k][-1] if k in pruned or net is None else clean_accuracy(net, holdout)
+        ca = history[k][-1] if net is None else clean_accuracy(net, holdout)
         if track and k not in pruned:
             history[k].append(ca)
         cell = Cell(alpha, gamma, ca, seconds[k], epoch_cas=history[k] if track else None)
