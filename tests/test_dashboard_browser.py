@@ -169,23 +169,29 @@ def test_without_the_token_the_page_shows_a_login_form_and_no_data(
         page.close()
 
 
+def sign_in_over_http(client: httpx.Client) -> str:
+    """Sign ``client`` in through the login form; the CSRF token of the page's forms."""
+    signed_in = client.post(f"{UI}/login", data={"token": ADMIN_TOKEN})
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == UI
+    page = client.get(UI)
+    assert page.status_code == 200
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert csrf is not None
+    return csrf.group(1)
+
+
 def test_forms_without_the_sessions_csrf_token_are_refused(deployed: Deployed) -> None:
     api = deployed.api
     before = repairs(api)
     with api.client(follow_redirects=False) as client:
-        signed_in = client.post(f"{UI}/login", data={"token": ADMIN_TOKEN})
-        assert signed_in.status_code == 303 and signed_in.headers["location"] == UI
-        page = client.get(UI)
-        assert page.status_code == 200
-        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
-        assert csrf is not None
+        csrf = sign_in_over_http(client)
         for data in ({}, {"csrf": ""}, {"csrf": "0" * 64}):
             assert client.post(f"{UI}/repair", data=data).status_code == 403
             assert client.post(f"{UI}/versions/v0002/activate", data=data).status_code == 403
             assert client.post(f"{UI}/rollback", data=data).status_code == 403
     # The right CSRF token without the session (another site's form cannot read either).
     with api.client(follow_redirects=False) as stranger:
-        refused = stranger.post(f"{UI}/repair", data={"csrf": csrf.group(1)})
+        refused = stranger.post(f"{UI}/repair", data={"csrf": csrf})
         assert refused.status_code == 401 and 'name="token"' in refused.text
     assert repairs(api) == before
     with api.admin() as admin:
@@ -260,6 +266,28 @@ def test_pictures_need_the_session(deployed: Deployed) -> None:
         assert client.get(f"{UI}/versions/v0001/samples.png").status_code == 404
     with httpx.Client(base_url=api.url) as anonymous:
         assert anonymous.get(f"{UI}/dashboard.css").status_code == 200  # no data in it
+
+
+def test_a_form_the_admin_api_refuses_shows_its_reason(deployed: Deployed) -> None:
+    """The admin handler's error becomes a page with its status, both when it raises (an
+    unknown version) and when it answers 409 itself (a repair already in flight)."""
+    api = deployed.api
+    with api.admin() as admin:
+        assert admin.post("/admin/repair").status_code in (202, 409)  # one is in flight now
+        active = admin.get("/admin/versions").json()["active"]
+    in_flight = [r["id"] for r in repairs(api) if r["status"] in ("queued", "running")]
+    assert len(in_flight) == 1, in_flight
+    with api.client(follow_redirects=False) as client:
+        csrf = sign_in_over_http(client)
+        unknown = client.post(f"{UI}/versions/v0999/activate", data={"csrf": csrf})
+        assert unknown.status_code == 404 and "Not done" in unknown.text
+        assert "v0999" in unknown.text
+        again = client.post(f"{UI}/repair", data={"csrf": csrf})
+        assert again.status_code == 409 and "Not done" in again.text
+        assert f"repair {in_flight[0]} is in flight" in again.text
+    assert [r["id"] for r in repairs(api) if r["status"] in ("queued", "running")] == in_flight
+    with api.admin() as admin:
+        assert admin.get("/admin/versions").json()["active"] == active
 
 
 HOSTILE = "<script>alert(1)</script>\"'><img src=x>"
