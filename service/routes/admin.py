@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
-from models.bundle import BundleError
+from models.bundle import BundleError, Manifest
 from models.store import RejectedCandidateError, StoreError, StoreUnavailableError
 from models.store_base import MAX_OVERRIDE_REASON, OVERRIDE_KEY, rejected_candidate
 from nnoculation.inputs import encode_png
@@ -63,11 +63,11 @@ def _item_json(rt: Runtime, item: StoredItem) -> dict[str, Any]:
     }
 
 
-async def _version_or_404(rt: Runtime, version: str) -> None:
-    """404 unless the version is published. Reads its manifest only (one GET on an s3:// store,
-    not the whole bundle), off the event loop."""
+async def _version_or_404(rt: Runtime, version: str) -> Manifest:
+    """The version's manifest; 404 unless the version is published. Reads the manifest only
+    (one GET on an s3:// store, not the whole bundle), off the event loop."""
     try:
-        await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
+        return await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
     except StoreUnavailableError:
         raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
@@ -328,9 +328,7 @@ async def get_version(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> dict[str, Any]:
-    await _version_or_404(rt, version)
-    manifest = await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
-    return manifest.to_dict()
+    return (await _version_or_404(rt, version)).to_dict()
 
 
 @router.get(
@@ -374,13 +372,7 @@ async def activate(
     if not override:
         await _version_or_404(rt, version)
         return await _activate_with(rt, rt.store.activate, version, "admin")
-    try:
-        manifest = await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
-    except StoreUnavailableError:
-        raise  # 503 (service.app): the store is unreachable, not the version unknown
-    except StoreError as err:
-        raise HTTPException(404, str(err)) from None
-    if rejected_candidate(manifest) is None:
+    if rejected_candidate(await _version_or_404(rt, version)) is None:
         raise HTTPException(
             409, f"{version} is not a rejected candidate: activate it without override=true"
         )
