@@ -46,6 +46,13 @@ def _jobs(fresh_seed: int) -> list[CellJob]:
     ]
 
 
+def _alone(net: Net, job: CellJob, cfg: TrainConfig) -> Net:
+    """``job``'s cell trained by itself from ``net``, as train() trains it outside a batch."""
+    alone = net.clone()
+    train(alone, job.data, cfg.with_(lr=job.lr), progress=False)
+    return alone
+
+
 def _max_diff(a: Net, b: Net) -> float:
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert sa.keys() == sb.keys()
@@ -71,8 +78,7 @@ def test_batched_cells_give_the_weights_of_cells_trained_alone(
     assert _max_diff(net, before) == 0.0, "the BadNet itself must not change"
     assert batched.epochs_done == [2, 2, 2]
     for job, got in zip(_jobs(fresh_seed=7), batched.nets, strict=True):
-        alone = net.clone()
-        train(alone, job.data, cfg.with_(lr=job.lr), progress=False)
+        alone = _alone(net, job, cfg)
         assert _max_diff(alone, before) > 1e-3, "training must move the weights"
         assert _max_diff(got, alone) < ATOL
         assert not got.module.training
@@ -92,8 +98,7 @@ def test_cells_sharing_one_training_set_share_the_input_batch(tiny_spec: InputSp
     cfg = TrainConfig(epochs=2, batch_size=16, optimizer="sgd")
     out = train_batched(net, jobs, cfg)
     for job, got in zip(jobs, out.nets, strict=True):
-        alone = net.clone()
-        train(alone, job.data, cfg.with_(lr=job.lr), progress=False)
+        alone = _alone(net, job, cfg)
         assert _max_diff(got, alone) < ATOL
 
 
@@ -113,12 +118,9 @@ def test_a_cell_stopped_after_an_epoch_is_the_cell_trained_for_that_epoch(
     assert out.epochs_done == [3, 1, 3]
     assert calls == [(1, [0, 1, 2]), (2, [0, 2])]
     job = _jobs(fresh_seed=1)[1]
-    one_epoch = net.clone()
-    train(one_epoch, job.data, cfg.with_(lr=job.lr, epochs=1), progress=False)
+    one_epoch = _alone(net, job, cfg.with_(epochs=1))
     assert _max_diff(out.nets[1], one_epoch) < ATOL
-    full = net.clone()
-    third = _jobs(fresh_seed=1)[2]
-    train(full, third.data, cfg.with_(lr=third.lr), progress=False)
+    full = _alone(net, _jobs(fresh_seed=1)[2], cfg)
     assert _max_diff(out.nets[2], full) < ATOL
 
 
@@ -143,8 +145,7 @@ def test_an_imported_pt2_program_with_batch_norm_and_dropout_trains_batched(
     cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd")
     out = train_batched(net, jobs, cfg)
     for job, got in zip(jobs, out.nets, strict=True):
-        alone = net.clone()
-        train(alone, job.data, cfg.with_(lr=job.lr), progress=False)
+        alone = _alone(net, job, cfg)
         assert _max_diff(got, alone) < ATOL
         assert _max_diff(got, net) > 1e-3  # running statistics and weights moved
     assert got.format == "export"
