@@ -237,6 +237,8 @@ class RepairOutcome:
     poison: PoisonModel
     config: RepairConfig
     holdout: dict[str, float]
+    theta: float  # the gate's tolerance below the baseline hold-out CA
+    failing: list[str]  # the repaired nets the gate refused ("badnet", "goodnet")
     seconds: dict[str, float]
     quarantine_sha256: str
     quarantine_size: int
@@ -549,6 +551,8 @@ def repair(
         poison=poison,
         config=cfg,
         holdout=holdout,
+        theta=theta,
+        failing=failing,
         seconds=seconds,
         quarantine_sha256=hashlib.sha256(quarantine.numpy().tobytes()).hexdigest(),
         quarantine_size=int(quarantine.shape[0]),
@@ -575,16 +579,12 @@ def repair(
 def gate_verdict(outcome: RepairOutcome, parent: Bundle) -> dict[str, Any]:
     """What a rejected candidate's provenance records of the gate: ``status`` "rejected", the
     ``reason``, the nets that failed, the hold-out CAs, ``theta``, the repaired version."""
-    theta = _settings(parent, outcome.config)[2]
-    baseline = outcome.holdout["baseline"]
     return {
         "status": REJECTED,
         "reason": outcome.reason,
-        "failing": [
-            r for r in ("badnet", "goodnet") if outcome.holdout[f"{r}_after"] < baseline - theta
-        ],
+        "failing": list(outcome.failing),
         "holdout_ca": dict(outcome.holdout),
-        "theta": theta,
+        "theta": outcome.theta,
         "repaired": parent.manifest.version,
         "at": utc_now_iso(),
     }
