@@ -147,16 +147,18 @@ def training_refusal(module: nn.Module) -> str | None:
     )
 
 
-def export_dynamic_shapes(module: nn.Module) -> tuple[tuple[dict[int, Any]], int] | None:
-    """The ``dynamic_shapes`` of the program ``module`` was loaded from, with an example batch
-    size that lies in its batch range; None for a module not loaded from a program."""
+def export_dynamic_shapes(
+    module: nn.Module, example_batch: int
+) -> tuple[tuple[dict[int, Any]], int] | None:
+    """The ``dynamic_shapes`` of the program ``module`` was loaded from, with ``example_batch``
+    moved into its batch range; None for a module not loaded from a program."""
     meta = getattr(module, "meta", None)
     dims = meta.get(DIMS_META) if isinstance(meta, dict) else None
     if not dims:
         return None
     objects: dict[str, torch.export.Dim] = {}
     shapes: dict[int, Any] = {}
-    batch = 2
+    batch = example_batch
     for index, (name, low, high) in sorted(dims.items()):
         if name not in objects:
             objects[name] = torch.export.Dim(name, min=low, max=high)

@@ -58,9 +58,9 @@ def export_module(module: nn.Module, spec: InputSpec) -> torch.export.ExportedPr
     batch dimension.
     """
     device = module_device(module)
-    kept = export_dynamic_shapes(module)
-    dynamic_shapes, batch = kept if kept is not None else ((exported_batch_dim(),), None)
-    example = torch.zeros((batch or EXPORT_EXAMPLE_BATCH, *spec.shape), device=device)
+    kept = export_dynamic_shapes(module, EXPORT_EXAMPLE_BATCH)
+    dynamic_shapes, batch = kept or ((exported_batch_dim(),), EXPORT_EXAMPLE_BATCH)
+    example = torch.zeros((batch, *spec.shape), device=device)
     was_training = module.training
     _set_mode(module, False)
     try:
