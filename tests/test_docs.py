@@ -10,6 +10,7 @@ from nnoculation.online.settings import ENV_PREFIX
 from service.app import create_app
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
+from tests.test_monitoring import alert_rules, all_panels, dashboard
 from worker.settings import WorkerSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -46,18 +47,11 @@ def test_every_metric_is_in_the_readme() -> None:
 
 
 OPERATIONS = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
 
 def test_operations_explains_every_alert_and_panel() -> None:
-    import json
-
-    import yaml
-
-    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    alerts = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
-    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "nnoculation.json").read_text())
-    panels = [p["title"] for p in dashboard["panels"] if p["type"] != "row"]
+    alerts = [r["alert"] for r in alert_rules() if "alert" in r]
+    panels = [p["title"] for p in all_panels(dashboard()) if p["type"] != "row"]
     assert len(alerts) >= 10 and len(panels) >= 15
     missing = [f"| {name} |" for name in [*alerts, *panels] if f"| {name} |" not in OPERATIONS]
     assert not missing, missing
