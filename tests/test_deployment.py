@@ -12,12 +12,12 @@ import torch
 
 from models.bundle import load_bundle, write_bundle
 from models.nets import Net
-from models.store import ModelStore
+from models.store import ModelStore, StoreUnavailableError
 from nnoculation.deployment import load_deployment, resolve_device
 from nnoculation.inputs import encode_png
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix
+from tests.online import ADMIN_TOKEN, DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix, publish
 
 # Starlette asks for `httpx2` behind its TestClient; the client still works with httpx.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
@@ -91,9 +91,6 @@ def test_an_unreachable_store_answers_503_not_404(
     """A store that does not answer (an s3:// bucket behind a broken network) is not a missing
     version: admin routes say 503 with Retry-After, and predictions go on from memory."""
     from fastapi.testclient import TestClient  # imported here: it warns at import
-
-    from models.store import StoreUnavailableError
-    from tests.online import ADMIN_TOKEN, publish
 
     source, _attack, test = tiny_deployment
     publish(tmp_path / "store", source)
