@@ -180,14 +180,14 @@ def build_report(
     attack: EvalAttack | None,
     floor: dict[str, float] | None,
     source: dict[str, Any],
-    validation: ValidationCheck | None = None,
+    validation: ValidationCheck,
 ) -> dict[str, Any]:
     """``report.json``: the search's result with where its data came from (``validation``:
     the validation set's source split, the pools' sizes and the memorisation check)."""
     picked = result.picked
     return {
         "source": source,
-        "validation": None if validation is None else validation.to_dict(),
+        "validation": validation.to_dict(),
         "attack": None if attack is None else attack.name,
         "theta": result.config.theta,
         "baseline_holdout_ca": result.baseline_ca,
@@ -228,8 +228,7 @@ def report_markdown(report: dict[str, Any], result: PredeployResult) -> str:
         )
     if rows:
         lines += ["## Test pool", "", markdown_table(["net", "CA %", "ASR %"], rows), ""]
-    if report.get("validation"):
-        lines += validation_markdown(report["validation"])
+    lines += validation_markdown(report["validation"])
     lines += [
         "## Grid: hold-out CA % (bold: within theta; *: picked)",
         "",
