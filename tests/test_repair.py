@@ -234,8 +234,8 @@ def write(directory: Path, version: str) -> Manifest:
 
 
 def test_a_torchscript_deployment_is_repaired_and_stays_torchscript(tmp_path: Path) -> None:
-    """TorchScript BadNet -> predeploy -> repair from the CLI: both repaired nets are retrained
-    TorchScript nets of a child version, and the reloaded bundle answers as the repair's nets."""
+    """TorchScript BadNet -> predeploy -> repair from the CLI: both nets of the repaired child
+    version are TorchScript and, reloaded, answer otherwise than the parent's (retrained)."""
     spec = InputSpec(1, 8, 8)  # scikit-learn digits, as --dataset digits gives them
     torch.manual_seed(0)
     torch.jit.save(
