@@ -25,9 +25,9 @@ SCHEME = "s3://"
 # S3's rules for (general purpose) bucket names, minus the dotted forms that break TLS.
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 PREFIX_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=-]*$")
-# The request failed because of its If-None-Match / If-Match condition (409: a concurrent
-# conditional write to the same key was in flight; S3 asks the caller to retry).
-CONDITION_FAILED = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+# The request failed because of its If-None-Match / If-Match condition (412), or (409) a
+# concurrent conditional write to the same key was in flight (S3 asks the caller to retry).
+CONDITION_FAILED = "PreconditionFailed"
 CONDITION_CONFLICT = "ConditionalRequestConflict"
 NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
 CHUNK_BYTES = 1 << 20
@@ -144,7 +144,7 @@ class Objects:
             code = str(err.response.get("Error", {}).get("Code", ""))
             if code == CONDITION_CONFLICT:
                 raise ConditionConflictError(f"s3://{self.bucket}/{key}: {code}") from None
-            if code in CONDITION_FAILED:
+            if code == CONDITION_FAILED:
                 raise ConditionFailedError(f"s3://{self.bucket}/{key}: {code}") from None
             if code in NOT_FOUND:
                 return None
