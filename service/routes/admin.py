@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from fastapi import Path as PathParam
@@ -35,6 +35,7 @@ PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
 }
 MAX_SAMPLES = 500
+T = TypeVar("T")
 VERSION_PATH = r"^v\d{4,}$"
 SHA_PATH = r"^[0-9a-f]{64}$"
 ARCHIVE_PATH = r"^[A-Za-z0-9_.-]{1,80}$"
@@ -63,15 +64,21 @@ def _item_json(rt: Runtime, item: StoredItem) -> dict[str, Any]:
     }
 
 
-async def _version_or_404(rt: Runtime, version: str) -> Manifest:
-    """The version's manifest; 404 unless the version is published. Reads the manifest only
-    (one GET on an s3:// store, not the whole bundle), off the event loop."""
+async def _read_or_404(rt: Runtime, read: Callable[..., T], *args: str) -> T:
+    """``read(deployment, *args)`` off the event loop; 404 for a store error (an unknown
+    version), except an unreachable store (503, service.app)."""
     try:
-        return await asyncio.to_thread(rt.store.manifest, rt.settings.deployment, version)
+        return await asyncio.to_thread(read, rt.settings.deployment, *args)
     except StoreUnavailableError:
         raise  # 503 (service.app): the store is unreachable, not the version unknown
     except StoreError as err:
         raise HTTPException(404, str(err)) from None
+
+
+async def _version_or_404(rt: Runtime, version: str) -> Manifest:
+    """The version's manifest; 404 unless the version is published. Reads the manifest only
+    (one GET on an s3:// store, not the whole bundle)."""
+    return await _read_or_404(rt, rt.store.manifest, version)
 
 
 async def _announce(rt: Runtime, version: str, source: str) -> None:
@@ -340,11 +347,8 @@ async def version_samples(
     rt: RuntimeDep,
     version: VersionPath,
 ) -> Response:
-    await _version_or_404(rt, version)
     try:  # just this file (one GET on an s3:// store), checked against the manifest
-        data = await asyncio.to_thread(
-            rt.store.read_file, rt.settings.deployment, version, "repair_samples.png"
-        )
+        data = await _read_or_404(rt, rt.store.read_file, version, "repair_samples.png")
     except FileNotFoundError:
         raise HTTPException(404, f"version {version} was not made by a repair") from None
     return Response(data, media_type="image/png")
@@ -369,8 +373,7 @@ async def activate(
         str | None, Query(max_length=MAX_OVERRIDE_REASON, description="why, with override")
     ] = None,
 ) -> dict[str, Any]:
-    if not override:
-        await _version_or_404(rt, version)
+    if not override:  # (an unknown version: 404 from _activate_with)
         return await _activate_with(rt, rt.store.activate, version, "admin")
     if rejected_candidate(await _version_or_404(rt, version)) is None:
         raise HTTPException(
