@@ -6,9 +6,8 @@ stacked along a new leading dimension: :func:`torch.func.functional_call` under
 :func:`torch.func.vmap` turns each convolution into one grouped convolution and each linear
 layer into one batched matrix product, and the Python overhead of a training step is paid once
 for K cells. That is meant for hardware one small cell leaves idle (a GPU; not measured here).
-On this project's 2 CPU cores it did not pay: with the Fashion-MNIST small CNN, one epoch of 6
-gammas took 1.55x (3 gammas at a time 1.26x, 5 alphas sharing one input batch 1.2x) the time
-of the same cells one after the other (medians of 3 interleaved runs on a quiet machine).
+On this project's 2 CPU cores it did not pay in throwaway A/B runs (no committed benchmark
+measures it yet), so the search trains one cell at a time by default.
 
 Every cell still behaves exactly as :func:`nnoculation.training.train` would train it alone:
 

@@ -18,8 +18,8 @@ Two ways to get there faster:
   rounding), the batch is evaluated together and the pick is still the first eligible cell in
   search order, so the answer is the whole grid's. Cells after the pick in its batch were
   trained speculatively. It is meant for hardware one cell leaves idle (a GPU, not measured
-  here); on 2 CPU cores it was measured 1.2-1.55x slower than one cell at a time, so the
-  default is 1.
+  here); on 2 CPU cores it was slower than one cell at a time in throwaway runs (no committed
+  benchmark yet), so the default is 1.
 * ``prune_margin = m`` (not provably exact, off by default and refused under ``exact``) stops a
   cell after an epoch when its hold-out CA is more than ``m`` below the eligibility bar; such a
   cell counts as not eligible. ``track_epochs`` records every cell's hold-out CA after every

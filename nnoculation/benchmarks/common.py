@@ -82,5 +82,5 @@ def fmt(value: float | list[float] | None) -> str:
 
 
 def pct1(value: float) -> float:
-    """A fraction as a percentage rounded to 0.1 (for JSON figures people read)."""
+    """A fraction as a percentage rounded to 2 decimals (for JSON figures people read)."""
     return round(100 * value, 2)
