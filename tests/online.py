@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import torch
 
 from models.bundle import load_bundle, write_bundle
@@ -23,6 +24,7 @@ from nnoculation.benchmarks.processes import (
 )
 from nnoculation.data.imageset import ImageSet
 from nnoculation.inputs import encode_png
+from nnoculation.online.keys import Keys
 from tests.conftest import NUM_CLASSES, SIDE, synthetic_set
 from tests.deployment_fixtures import make_deployment, patch_attack, triggered
 
@@ -150,6 +152,14 @@ def online_env(
 
 def new_prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
+
+
+def forget_prefix(prefix: str, redis_url: str = DEFAULT_REDIS_URL) -> None:
+    """Delete a test's keys (``prefix``) and its RQ queue from a shared Redis."""
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+    client.delete(f"rq:queue:{Keys(prefix, DEPLOYMENT).queue}")
 
 
 class ApiServer(Child):

@@ -16,11 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from nnoculation.benchmarks.processes import wait_until
-from nnoculation.online.keys import Keys
 from service.ui import render, session
 from tests.online import (
     ADMIN_TOKEN,
@@ -28,6 +26,7 @@ from tests.online import (
     DEPLOYMENT,
     PNG_HEADERS,
     ApiServer,
+    forget_prefix,
     new_prefix,
     online_env,
     poisoned_pngs,
@@ -103,10 +102,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, tiny_deployment: Any) -> 
         yield Deployed(api, pending)
     finally:
         api.stop()
-        client = redis.Redis.from_url(DEFAULT_REDIS_URL)
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
-        client.delete(f"rq:queue:{Keys(prefix, DEPLOYMENT).queue}")
+        forget_prefix(prefix)
 
 
 @pytest.fixture(scope="module")
