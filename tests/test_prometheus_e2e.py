@@ -20,6 +20,7 @@ import yaml
 
 from nnoculation.benchmarks.processes import Child, free_port, redis_server, wait_until
 from tests.online import (
+    PNG_HEADERS,
     ApiServer,
     WorkerProcess,
     clean_pngs,
@@ -37,7 +38,6 @@ from tests.test_monitoring import (
 )
 
 T = TypeVar("T")
-PNG = {"content-type": "image/png"}
 NAMESPACE = "nnoc-e2e"
 RULE_GROUPS = {"nnoculation-quarantine", "nnoculation-repairs", "nnoculation-serving"}
 # Alerts that would be pending or firing if the job names, labels or version gauges were wrong.
@@ -128,7 +128,7 @@ def send(api: ApiServer, images: list[bytes]) -> list[bool]:
     with api.admin() as admin:
         flags = []
         for data in images:
-            response = admin.post("/predict", content=data, headers=PNG)
+            response = admin.post("/predict", content=data, headers=PNG_HEADERS)
             assert response.status_code == 200, response.text
             flags.append(bool(response.json()["quarantined"]))
     return flags
@@ -157,7 +157,7 @@ def check_traffic(prometheus: Prometheus, api: ApiServer, attack: Any) -> None:
     flags = send(api, sent)
     with api.client() as client:
         for _ in range(3):
-            assert client.post("/predict", content=b"", headers=PNG).status_code == 422
+            assert client.post("/predict", content=b"", headers=PNG_HEADERS).status_code == 422
     quarantined = sum(flags)
     distinct = len({img for img, flag in zip(sent, flags, strict=True) if flag})
     assert quarantined >= 10 and 0 < distinct < 50, (quarantined, distinct)
