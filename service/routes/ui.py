@@ -66,10 +66,13 @@ def _admin_token(rt: Runtime) -> str | None:
     return token.get_secret_value() if token is not None else None
 
 
-def _session(request: Request, rt: Runtime) -> str | None:
-    """The request's session cookie when it is valid."""
-    cookie = request.cookies.get(session.COOKIE)
-    return cookie if session.session_valid(cookie, _admin_token(rt)) else None
+def _session(request: Request, rt: Runtime) -> tuple[str, str] | None:
+    """The request's session cookie and the admin token it was issued under, when it is valid
+    (a valid session implies a configured token)."""
+    cookie, token = request.cookies.get(session.COOKIE), _admin_token(rt)
+    if cookie is None or token is None or not session.session_valid(cookie, token):
+        return None
+    return cookie, token
 
 
 def _require_session(request: Request, rt: Runtime) -> None:
@@ -80,11 +83,10 @@ def _require_session(request: Request, rt: Runtime) -> None:
 def _refused(request: Request, rt: Runtime, csrf: str) -> HTMLResponse | None:
     """Why a state-changing form is refused (None when it carries a session and its CSRF
     token): 401 without a session, 403 with a missing or foreign CSRF token."""
-    cookie = _session(request, rt)
-    token = _admin_token(rt)
-    if cookie is None or token is None:
+    signed_in = _session(request, rt)
+    if signed_in is None:
         return _login("Your session has ended; sign in again.")
-    if not session.csrf_valid(csrf, cookie, token):
+    if not session.csrf_valid(csrf, *signed_in):
         page = render.message_page("Refused", "the form's CSRF token is missing or wrong")
         return _html(page, 403)
     return None
@@ -110,9 +112,8 @@ async def dashboard(
     ref: Annotated[str | None, Query(alias="id", max_length=80)] = None,
 ) -> HTMLResponse:
     """The dashboard, or 401 with the login form."""
-    cookie = _session(request, rt)
-    token = _admin_token(rt)
-    if cookie is None or token is None:
+    signed_in = _session(request, rt)
+    if signed_in is None:
         return _login()
     status = await admin.status(rt)
     active = status.get("active_version")
@@ -126,7 +127,7 @@ async def dashboard(
         repairs=(await admin.list_repairs(rt, limit=REPAIRS_SHOWN))["repairs"],
         versions=await admin.list_versions(rt),
         notice=_notice(done, ref),
-        csrf=session.csrf_token(cookie, token),
+        csrf=session.csrf_token(*signed_in),
         sample_limit=SAMPLES_SHOWN,
     )
     return _html(render.dashboard_page(view))
@@ -172,8 +173,8 @@ async def logout(
     request: Request, rt: RuntimeDep, csrf: CsrfField = ""
 ) -> HTMLResponse | RedirectResponse:
     """Clear the session cookie (a live session must send its CSRF token)."""
-    cookie, token = _session(request, rt), _admin_token(rt)
-    if cookie is not None and token is not None and not session.csrf_valid(csrf, cookie, token):
+    signed_in = _session(request, rt)
+    if signed_in is not None and not session.csrf_valid(csrf, *signed_in):
         return _html(render.message_page("Refused", "the form's CSRF token is wrong"), 403)
     response = RedirectResponse(render.BASE, 303, headers=SECURITY_HEADERS)
     response.delete_cookie(session.COOKIE, path=session.COOKIE_PATH, httponly=True,
