@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from models.bundle import Manifest, write_bundle
 from models.s3_store import S3Store
@@ -24,7 +23,6 @@ from models.store_base import BundleStore
 from models.store_names import StoreUnavailableError
 from nnoculation.benchmarks.processes import wait_until
 from nnoculation.cli import EXIT_GATE_FAILED, EXIT_USAGE, main
-from nnoculation.online.keys import Keys
 from nnoculation.online.quarantine import QuarantineEntry
 from service.ui import render, session
 from tests.conftest import synthetic_set
@@ -34,6 +32,7 @@ from tests.online import (
     DEFAULT_REDIS_URL,
     DEPLOYMENT,
     ApiServer,
+    forget_prefix,
     new_prefix,
     online_env,
     publish,
@@ -181,10 +180,7 @@ def online(
     }.items():  # fmt: skip
         monkeypatch.setenv(f"NNOC_{key}", value)
     yield Context.from_settings(WorkerSettings()), attack, prefix
-    client = redis.Redis.from_url(DEFAULT_REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
-    client.delete(f"rq:queue:{Keys(prefix, DEPLOYMENT).queue}")
+    forget_prefix(prefix)
 
 
 def gated_repair(ctx: Context, attack: Any, seed: int = 71) -> str:

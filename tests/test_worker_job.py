@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from models.store import ModelStore
-from nnoculation.online.keys import Keys
 from nnoculation.online.quarantine import QuarantineEntry
 from nnoculation.online.repairs import CANCEL_REQUESTED
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import triggered
-from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, new_prefix, publish
+from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, forget_prefix, new_prefix, publish
 from worker.jobs import Context, execute
 from worker.settings import WorkerSettings
 
@@ -39,10 +37,7 @@ def setup(
     }.items():  # fmt: skip
         monkeypatch.setenv(f"NNOC_{key}", value)
     yield Context.from_settings(WorkerSettings()), attack
-    client = redis.Redis.from_url(DEFAULT_REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
-    client.delete(f"rq:queue:{Keys(prefix, DEPLOYMENT).queue}")
+    forget_prefix(prefix)
 
 
 def quarantine(ctx: Context, attack: Any, count: int = 40) -> list[str]:
