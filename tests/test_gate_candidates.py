@@ -33,11 +33,10 @@ from tests.online import (
     DEPLOYMENT,
     ApiServer,
     forget_prefix,
-    new_prefix,
     online_env,
-    publish,
 )
 from tests.test_store_s3 import CLASSES, NAME, SPEC, bucket, s3_endpoint, tiny_net  # noqa: F401
+from tests.test_worker_job import worker_env
 from worker.jobs import Context, execute
 from worker.settings import WorkerSettings
 
@@ -170,15 +169,8 @@ def online(
     """A worker context over a real store and Redis whose repairs the gate refuses (a learning
     rate that wrecks both nets); yields it, the attack and the Redis key prefix."""
     source, attack, _ = tiny_deployment
-    publish(tmp_path / "store", source)
-    prefix = new_prefix()
-    for key, value in {
-        "REDIS_URL": DEFAULT_REDIS_URL, "KEY_PREFIX": prefix, "DEPLOYMENT": DEPLOYMENT,
-        "STORE_ROOT": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work"),
-        "REPAIR_PROFILE": "mean-diff", "REPAIR_BACKOFF_S": "0",
-        "REPAIR_OPTIONS": '{"theta": 0.01, "finetune_lr": 5.0, "finetune_epochs": 1}',
-    }.items():  # fmt: skip
-        monkeypatch.setenv(f"NNOC_{key}", value)
+    options = '{"theta": 0.01, "finetune_lr": 5.0, "finetune_epochs": 1}'
+    prefix = worker_env(tmp_path, source, monkeypatch, REPAIR_OPTIONS=options)
     yield Context.from_settings(WorkerSettings()), attack, prefix
     forget_prefix(prefix)
 

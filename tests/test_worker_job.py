@@ -23,19 +23,26 @@ from worker.jobs import Context, execute
 from worker.settings import WorkerSettings
 
 
-@pytest.fixture
-def setup(
-    tmp_path: Path, tiny_deployment: Any, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[Context, Any]]:
-    source, attack, _ = tiny_deployment
+def worker_env(tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch, **extra: str) -> str:
+    """Publish ``source`` into a store under ``tmp_path`` and point the worker's settings
+    (``NNOC_*``, plus ``extra``) at it and at a fresh Redis key prefix; returns the prefix."""
     publish(tmp_path / "store", source)
     prefix = new_prefix()
     for key, value in {
         "REDIS_URL": DEFAULT_REDIS_URL, "KEY_PREFIX": prefix, "DEPLOYMENT": DEPLOYMENT,
         "STORE_ROOT": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work"),
-        "REPAIR_PROFILE": "mean-diff", "REPAIR_BACKOFF_S": "0",
+        "REPAIR_PROFILE": "mean-diff", "REPAIR_BACKOFF_S": "0", **extra,
     }.items():  # fmt: skip
         monkeypatch.setenv(f"NNOC_{key}", value)
+    return prefix
+
+
+@pytest.fixture
+def setup(
+    tmp_path: Path, tiny_deployment: Any, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Context, Any]]:
+    source, attack, _ = tiny_deployment
+    prefix = worker_env(tmp_path, source, monkeypatch)
     yield Context.from_settings(WorkerSettings()), attack
     forget_prefix(prefix)
 
