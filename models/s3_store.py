@@ -96,6 +96,8 @@ class S3Store(BundleStore):
     ``cache_versions`` how many versions per deployment the cache keeps.
     """
 
+    path_verifies = True  # path() hands out verified copies only
+
     def __init__(
         self,
         url: str,

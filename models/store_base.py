@@ -24,7 +24,7 @@ import shutil
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from models.bundle import (
     Bundle,
@@ -94,6 +94,10 @@ manifest (usually :func:`models.bundle.write_bundle`)."""
 
 class BundleStore(abc.ABC):
     """The model store interface the API, the worker and the CLI use."""
+
+    #: Whether :meth:`path` verifies every copy it hands out (the remote backends' caches);
+    #: then :meth:`load` does not compute the checksums a second time.
+    path_verifies: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -167,7 +171,7 @@ class BundleStore(abc.ABC):
             version = self.active(deployment)
             if version is None:
                 raise UnknownVersionError(f"deployment {deployment!r} has no active version")
-        return load_bundle(self.path(deployment, version))
+        return load_bundle(self.path(deployment, version), verify=not self.path_verifies)
 
     def read_file(self, deployment: str, version: str, rel: str) -> bytes:
         """One file the version's manifest lists, checked against its sha256 (remote backends
