@@ -43,7 +43,6 @@ from models.bundle import (
     MANIFEST_NAME,
     BundleIntegrityError,
     Manifest,
-    read_manifest,
     utc_now_iso,
     verify_bundle,
     write_manifest,
@@ -332,7 +331,7 @@ class S3Store(BundleStore):
         hands out verified copies only); one PUT, so every reader sees the old pointer or the
         new one. A rejected candidate is refused
         (:class:`models.store_base.RejectedCandidateError`)."""
-        check_activatable(read_manifest(self.path(deployment, version)))
+        check_activatable(self.verified(deployment, version)[1])
         self._check_lock(deployment)  # a repair that lost its lock activates nothing
         body = {
             "version": version,

@@ -239,7 +239,7 @@ class ModelStore(BundleStore):
     def activate(self, deployment: str, version: str) -> None:
         """Point ACTIVE at ``version`` after verifying its bundle; atomic via ``os.replace``.
         A rejected candidate is refused (:class:`RejectedCandidateError`)."""
-        check_activatable(verify_bundle(self.path(deployment, version)))
+        check_activatable(self.verified(deployment, version)[1])
         deployment_dir = self._deployment_dir(deployment)
         tmp = deployment_dir / f"{TMP_PREFIX}{ACTIVE_FILE}-{uuid.uuid4().hex}"
         try:

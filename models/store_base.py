@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from models.bundle import (
     Bundle,
     Manifest,
-    load_bundle,
+    read_manifest,
     utc_now_iso,
     verify_bundle,
     write_manifest,
@@ -96,7 +96,7 @@ class BundleStore(abc.ABC):
     """The model store interface the API, the worker and the CLI use."""
 
     #: Whether :meth:`path` verifies every copy it hands out (the remote backends' caches);
-    #: then :meth:`load` does not compute the checksums a second time.
+    #: then :meth:`verified` (and so :meth:`load`) does not compute the checksums again.
     path_verifies: ClassVar[bool] = False
 
     @property
@@ -171,7 +171,14 @@ class BundleStore(abc.ABC):
             version = self.active(deployment)
             if version is None:
                 raise UnknownVersionError(f"deployment {deployment!r} has no active version")
-        return load_bundle(self.path(deployment, version), verify=not self.path_verifies)
+        path, manifest = self.verified(deployment, version)
+        return Bundle(path, manifest)
+
+    def verified(self, deployment: str, version: str) -> tuple[Path, Manifest]:
+        """The local directory of a published version and its manifest, every file checked
+        against its sha256 once (by :meth:`path` where :attr:`path_verifies`, else here)."""
+        path = self.path(deployment, version)
+        return path, (read_manifest(path) if self.path_verifies else verify_bundle(path))
 
     def read_file(self, deployment: str, version: str, rel: str) -> bytes:
         """One file the version's manifest lists, checked against its sha256 (remote backends
@@ -233,8 +240,7 @@ class BundleStore(abc.ABC):
             raise ValueError(
                 f"{candidate} is not a rejected candidate: activate it without an override"
             )
-        source = self.path(deployment, candidate)
-        manifest = verify_bundle(source)
+        source, manifest = self.verified(deployment, candidate)
         record = {"of": candidate, "reason": text, "at": utc_now_iso(), "by": by, "gate": gate}
 
         def build(tmp: Path, version: str) -> Manifest:
