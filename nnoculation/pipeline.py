@@ -216,6 +216,8 @@ def report_markdown(report: dict[str, Any], result: PredeployResult) -> str:
             f"{result.seconds:.0f} s.\n"
         )
     lines.append(f"Search: {result.config.mode}.\n")
+    if result.pick_at_grid_edge:
+        lines.append(f"**{EDGE_WARNING}**\n")
     rows = []
     floor = report.get("floor") or {}
     for role, ev in (("BadNet", result.badnet_test), ("GoodNet", result.goodnet_test)):
@@ -299,6 +301,8 @@ def predeploy_to_dir(
         test=splits.test if attack is not None else None,
         attack=attack,
     )
+    if result.pick_at_grid_edge and warn is not None:
+        warn(EDGE_WARNING)
     report = build_report(result, attack, floor, source or {}, check)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -318,6 +322,12 @@ def predeploy_to_dir(
         except Exception as err:
             raise PredeploySaveError(_save_failure(out_dir, result.goodnet, result, err)) from err
     return PredeployOutcome(result, report, out_dir)
+
+
+EDGE_WARNING = (
+    "The pick is at the grid's largest alpha: a wider grid might pick a larger one "
+    "(add larger `--alpha-multiples`)."
+)
 
 
 class PredeploySaveError(ValueError):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from models.nets import Net
+from nnoculation.pipeline import EDGE_WARNING, report_markdown
 from nnoculation.predeploy import (
+    DEFAULT_ALPHA_MULTIPLES,
     Cell,
     PredeployConfig,
+    PredeployResult,
     eligible,
     retraining_data,
     run_predeploy,
@@ -108,3 +111,27 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         PredeployConfig(alpha0=1e-3, theta=3.0)
     assert PredeployConfig(alpha0=1e-3, alpha_multiples=(1, 2)).alphas == (1e-3, 2e-3)
+
+
+def _result_picking(alpha: float) -> PredeployResult:
+    cfg = PredeployConfig(alpha0=1e-3, alpha_multiples=(1.0, 3.0, 6.0), gammas=(0.3,))
+    cells = [Cell(a, 0.3, 0.9 if a <= alpha else 0.5, 0.0) for a in cfg.alphas]
+    picked = select_cell(cells, 0.9, cfg.theta)
+    return PredeployResult(cfg, 0.9, cells, picked, None, 0.0)
+
+
+def test_default_alpha_grid_reaches_the_papers_6x() -> None:
+    assert max(DEFAULT_ALPHA_MULTIPLES) == 6.0  # Table 2's widest multiple
+
+
+def test_a_pick_at_the_largest_alpha_is_flagged_in_the_result_and_the_report() -> None:
+    edge, inner = _result_picking(6e-3), _result_picking(3e-3)
+    assert edge.picked is not None and edge.picked.alpha == 6e-3
+    assert edge.pick_at_grid_edge and edge.to_dict()["pick_at_grid_edge"] is True
+    assert not inner.pick_at_grid_edge and inner.to_dict()["pick_at_grid_edge"] is False
+    assert not _result_picking(0.0).pick_at_grid_edge  # no GoodNet: nothing to flag
+    check = {"source": "train", "sizes": {"retrain": 1, "holdout": 1, "stream": 1, "test": 1},
+             "unseen_ca": None, "warning": None}  # fmt: skip
+    for result, flagged in ((edge, True), (inner, False)):
+        report = {"attack": None, "floor": None, "validation": check}
+        assert (EDGE_WARNING in report_markdown(report, result)) is flagged

@@ -14,6 +14,17 @@ grid's hold-out CA after every epoch of every cell, and from it the false-stop r
 pruning margins (:func:`nnoculation.predeploy.false_stops`), plus the picked GoodNet's test CA
 and ASR. Results are written after every entry; an entry is reused on a later run only if it
 was made by the same clean commit with the same settings.
+
+The ``overlap`` entry (issue 12, point 2) takes the LeNet BadNet, trained on the *whole*
+training split, and runs the defense both ways: with the validation set drawn from the training
+split (images the BadNet was trained on) and from the test split (images it never saw). Each way
+gets the default search, a stream until N = 200 are quarantined and one repair with the default
+settings; the entry records the memorisation check, the GoodNet's CA / ASR, the gate's verdict
+with the hold-out drop it judged, the repaired nets' drop on unseen images, and the ASR of what
+is deployed after the repair (the repaired ensemble if the gate passed it, else the pre-repair
+one). Every CA / ASR of that entry is measured on the test images the two ways have in common,
+beside the floor: the target-label rate of a clean LeNet trained the same way on the same
+triggered images.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.bundle import load_bundle
 from models.importing import import_net
 from models.nets import Net
 from models.spec import InputSpec
@@ -44,9 +56,12 @@ from nnoculation.benchmarks.common import (
     pct1,
     write_results,
 )
+from nnoculation.data.imageset import ImageSet
 from nnoculation.data.sources import load_dataset
-from nnoculation.data.splits import Splits
+from nnoculation.data.splits import Splits, ValidationSource
+from nnoculation.ensemble import Ensemble
 from nnoculation.metrics import evaluate
+from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
 from nnoculation.predeploy import (
     DEFAULT_ALPHA_MULTIPLES,
     DEFAULT_CELL_EPOCHS,
@@ -57,8 +72,10 @@ from nnoculation.predeploy import (
     run_predeploy,
 )
 from nnoculation.recipes import Recipe, default_recipe
+from nnoculation.repair.engine import RepairConfig, repair
 from nnoculation.reports import markdown_table
 from nnoculation.runtime import configure_threads, default_device, seeded_rng
+from nnoculation.stream import StreamConfig, simulate_stream
 from nnoculation.training import TrainConfig, train
 
 COMMAND = "python -m nnoculation.benchmarks.predeploy_speed"
@@ -143,6 +160,7 @@ def _lenet_files(recipe: Recipe, splits: Splits, runs: Path) -> tuple[Path, Path
     script, program = folder / "badnet.torchscript.pt", folder / "badnet.pt2"
     if script.exists() and program.exists():
         return script, program, attack
+    folder.mkdir(parents=True, exist_ok=True)
     source = load_dataset(recipe.dataset)
     poisoned = attack.poison_training_set(source.train, seed=LENET_RECIPE.seed)  # all 60,000
     spec = input_spec_for(splits)
@@ -151,7 +169,6 @@ def _lenet_files(recipe: Recipe, splits: Splits, runs: Path) -> tuple[Path, Path
     train(Net(module, "export", spec, splits.attacker.num_classes), poisoned, LENET_RECIPE,
           desc="LeNet-BN BadNet")  # fmt: skip
     module.eval()
-    folder.mkdir(parents=True, exist_ok=True)
     torch.jit.save(torch.jit.script(module), str(script))
     batch = torch.export.Dim("batch", max=EXPORT_BATCH_MAX)
     example = (torch.zeros(8, *spec.shape),)
@@ -159,6 +176,23 @@ def _lenet_files(recipe: Recipe, splits: Splits, runs: Path) -> tuple[Path, Path
     torch.export.save(exported, str(program))
     (folder / "recipe.json").write_text(key + "\n")
     return script, program, attack
+
+
+def _lenet_clean(recipe: Recipe, splits: Splits, runs: Path) -> Path:
+    """A clean LeNet trained the BadNet's way on the clean training split: the floor's model."""
+    script, _program, _attack = _lenet_files(recipe, splits, runs)
+    path = script.parent / "clean.torchscript.pt"
+    if path.exists():
+        return path
+    spec = input_spec_for(splits)
+    with seeded_rng(LENET_RECIPE.seed):
+        module = LeNetBN(spec.channels, splits.attacker.num_classes)
+    source = load_dataset(recipe.dataset)
+    train(Net(module, "export", spec, splits.attacker.num_classes), source.train, LENET_RECIPE,
+          desc="LeNet-BN clean reference")  # fmt: skip
+    module.eval()
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
 
 
 def _lenet(which: str, recipe: Recipe) -> Any:
@@ -263,6 +297,123 @@ def run_entry(
     return entry
 
 
+OVERLAP = "overlap"
+OVERLAP_SOURCES: tuple[ValidationSource, ...] = ("train", "test")
+
+
+def _figures(predictor: Any, test: ImageSet, attack: Any) -> dict[str, float]:
+    ev = evaluate(predictor, test, attack)
+    return {"ca": pct1(ev.ca), "asr": pct1(max(ev.asr.values()))}
+
+
+def _common_test(recipe: Recipe) -> tuple[ImageSet, dict[ValidationSource, Splits]]:
+    """Each source's splits, and the test-split images both test pools hold (seen by neither
+    way's validation set nor stream)."""
+    by_source = {src: load_splits(recipe.with_validation_source(src)) for src in OVERLAP_SOURCES}
+    pools = []
+    for split in by_source.values():
+        where, idx = split.origin["test"]
+        if where != "test":
+            raise ValueError("the overlap case needs a data set with a test split of its own")
+        pools.append(set(idx.tolist()))
+    common = torch.tensor(sorted(set.intersection(*pools)))
+    test_split = load_dataset(recipe.dataset).test
+    assert test_split is not None  # checked by the "test" validation source above
+    return test_split.subset(common), by_source
+
+
+def run_overlap(recipe: Recipe, runs: Path, code: str) -> dict[str, Any]:
+    """The overlap entry: the LeNet BadNet defended with validation data from each split."""
+    common, by_source = _common_test(recipe)
+    script, _program, attack = _lenet_files(recipe, by_source["train"], runs)
+    spec = input_spec_for(by_source["train"])
+    classes = by_source["train"].attacker.num_classes
+    badnet = import_net(script, spec, classes)
+    clean = import_net(_lenet_clean(recipe, by_source["train"], runs), spec, classes)
+    floor = pct1(max(evaluate(clean, common, attack).asr.values()))
+    ways = {}
+    for src, splits in by_source.items():
+        folder = runs / OVERLAP / src
+        cfg = PredeployConfig(alpha0=LENET_RECIPE.lr, optimizer=LENET_RECIPE.optimizer)
+        outcome = predeploy_to_dir(badnet, splits, cfg, folder, attack=attack)
+        check = outcome.report["validation"]
+        way: dict[str, Any] = {
+            "validation_source": src,
+            "sizes": check["sizes"],
+            "memorised": check["memorised"],
+            "validation_ca": pct1(check["validation_ca"]),
+            "unseen_ca": pct1(check["unseen_ca"]),
+            "gap_points": round(100 * check["gap"], 1),
+            "z": round(check["z"], 1),
+            "search": _summary(outcome.result),
+            "baseline_holdout_ca": pct1(outcome.result.baseline_ca),
+        }
+        if outcome.result.goodnet is None:
+            way["goodnet"] = None
+            ways[src] = way
+            continue
+        bundle = load_bundle(folder / DEPLOYMENT_DIR)
+        bad, good = bundle.net("badnet"), bundle.net("goodnet")
+        deployed = Ensemble(bad, good)
+        stream = simulate_stream(deployed, splits.stream, attack, StreamConfig())
+        fixed = repair(bundle, stream.images, RepairConfig(), progress=False)
+        candidate = Ensemble(fixed.badnet, fixed.goodnet)
+        after = candidate if fixed.passed_gate else deployed
+        hold = fixed.holdout
+        way.update(
+            {
+                "badnet": _figures(bad, common, attack),
+                "goodnet": _figures(good, common, attack),
+                "ensemble_before_repair": _figures(deployed, common, attack),
+                "quarantine": {
+                    "size": int(stream.images.shape[0]),
+                    "poisoned": int(stream.poisoned.sum()),
+                },
+                "gate": {
+                    "passed": fixed.passed_gate,
+                    "reason": fixed.reason,
+                    "theta": fixed.theta,
+                    "holdout_baseline": pct1(hold["baseline"]),
+                    "holdout_drop_points": {
+                        role: round(100 * (hold["baseline"] - hold[f"{role}_after"]), 1)
+                        for role in ("badnet", "goodnet")
+                    },
+                },
+                "repaired_candidate": {
+                    "badnet": _figures(fixed.badnet, common, attack),
+                    "goodnet": _figures(fixed.goodnet, common, attack),
+                    "ensemble": _figures(candidate, common, attack),
+                },
+                "deployed_after_repair": {
+                    "which": "repaired" if fixed.passed_gate else "pre-repair (gate refused)",
+                    **_figures(after, common, attack),
+                },
+                "repair_seconds": {k: round(v, 1) for k, v in fixed.seconds.items()},
+            }
+        )
+        way["unseen_drop_points"] = {
+            role: round(way["badnet"]["ca"] - way["repaired_candidate"][role]["ca"], 1)
+            for role in ("badnet", "goodnet")
+        }
+        ways[src] = way
+    return {
+        "name": OVERLAP,
+        "kind": OVERLAP,
+        "about": "LeNet-BN BadNet trained on the whole training split (TorchScript), defended "
+        "with validation data from the training split and from the test split",
+        "commit": code,
+        "torch": torch.__version__,
+        "device": "cpu",
+        "cpu": machine()["cpu"],
+        "threads": torch.get_num_threads(),
+        "settings": {"overlap": True, "threads": torch.get_num_threads()},
+        "attack": attack.name,
+        "common_test_images": len(common),
+        "floor": floor,
+        "ways": ways,
+    }
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """What makes an entry comparable: reused only when these and the commit match."""
     return {
@@ -277,11 +428,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def reusable(entry: dict[str, Any], args: argparse.Namespace, code: str) -> bool:
     """An earlier entry counts only if the same clean commit made it with the same settings."""
+    settings = (
+        {"overlap": True, "threads": torch.get_num_threads()}
+        if entry.get("kind") == OVERLAP
+        else _settings(args)
+    )
     return (
         not code.endswith("-dirty")
         and code != "unknown"
         and entry.get("commit") == code
-        and entry.get("settings") == _settings(args)
+        and entry.get("settings") == settings
     )
 
 
@@ -289,8 +445,63 @@ def _pick_text(pick: list[float] | None) -> str:
     return "-" if pick is None else f"{pick[0]:.4g} / {pick[1]:.0%}"
 
 
+def overlap_markdown(entry: dict[str, Any]) -> list[str]:
+    """The overlap entry's section: one row per validation source."""
+    rows = []
+    for src, w in entry["ways"].items():
+        if w.get("goodnet") is None:
+            rows.append([src, "yes" if w["memorised"] else "no", f"{w['gap_points']:+.1f}",
+                         _pick_text(w["search"]["pick"])] + ["-"] * 7)  # fmt: skip
+            continue
+        gate = w["gate"]
+        drops = gate["holdout_drop_points"]
+        unseen = w["unseen_drop_points"]
+        rows.append(
+            [
+                src,
+                "yes" if w["memorised"] else "no",
+                f"{w['gap_points']:+.1f} (z {w['z']:.1f})",
+                _pick_text(w["search"]["pick"]),
+                f"{fmt(w['goodnet']['ca'])} / {fmt(w['goodnet']['asr'])}",
+                f"{fmt(w['ensemble_before_repair']['ca'])} / "
+                f"{fmt(w['ensemble_before_repair']['asr'])}",
+                "passed" if gate["passed"] else "**refused**",
+                f"{drops['badnet']:.1f} / {drops['goodnet']:.1f}",
+                f"{unseen['badnet']:.1f} / {unseen['goodnet']:.1f}",
+                f"{fmt(w['repaired_candidate']['ensemble']['ca'])} / "
+                f"{fmt(w['repaired_candidate']['ensemble']['asr'])}",
+                f"{fmt(w['deployed_after_repair']['ca'])} / "
+                f"{fmt(w['deployed_after_repair']['asr'])} ({w['deployed_after_repair']['which']})",
+            ]
+        )
+    header = ["validation from", "memorised?", "gap (points)", "pick", "GoodNet CA / ASR %",
+              "ensemble CA / ASR % before repair", "gate", "hold-out drop bad / good",
+              "unseen drop bad / good", "repaired ensemble CA / ASR %",
+              "deployed after repair CA / ASR %"]  # fmt: skip
+    thetas = {round(100 * w["gate"]["theta"], 1) for w in entry["ways"].values() if "gate" in w}
+    theta = " / ".join(f"{t:g}" for t in sorted(thetas)) or "-"
+    return [
+        "## Validation data the BadNet was trained on, or not (the overlap case)",
+        "",
+        f"{entry['about']}. Attack `{entry['attack']}`; every CA / ASR on the "
+        f"{entry['common_test_images']} test images both ways leave unseen; floor (a clean "
+        f"LeNet trained the same way, same triggered images): {fmt(entry['floor'])} %. "
+        "`gap`: the BadNet's CA on its validation images minus its CA on the unseen pools "
+        "(the memorisation check). The gate judges the repaired nets' drop on the hold-out "
+        f"images (points below the BadNet's hold-out CA; refused above theta = {theta}); "
+        "`unseen "
+        "drop` is the same drop on the common test images. One repair, default settings, "
+        "seed 0: one run, not a verdict over seeds.",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+
+
 def markdown(entries: list[dict[str, Any]]) -> str:
-    """The results table (seconds, cells, picks) and the false-stop rates."""
+    """The results table (seconds, cells, picks), the false-stop rates, the overlap case."""
+    overlap = [e for e in entries if e.get("kind") == OVERLAP]
+    entries = [e for e in entries if e.get("kind") != OVERLAP]
     rows = []
     for e in entries:
         old, new, full = e["old"], e["new"], e["full_grid"]
@@ -348,6 +559,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 ["BadNet", "margin", "stopped", "false stops", "rate", "epochs saved", "pick"],
                 stops,
             ),
+            "",
+            *[line for e in overlap for line in overlap_markdown(e)],
         ]
     )
 
@@ -377,8 +590,8 @@ def main() -> None:
     configure_threads()
     recipe = default_recipe(args.dataset)
     makers = subjects(recipe)
-    if args.only is not None and args.only not in makers:
-        parser.error(f"--only: unknown entry {args.only!r}; known: {', '.join(makers)}")
+    if args.only is not None and args.only not in (*makers, OVERLAP):
+        parser.error(f"--only: unknown entry {args.only!r}; known: {', '.join((*makers, OVERLAP))}")
     # refuse a bad --prune-margin / --cells-at-once before any work
     PredeployConfig(alpha0=1.0, prune_margin=args.prune_margin, cells_at_once=args.cells_at_once)
     if default_device().type != "cpu":
@@ -399,8 +612,21 @@ def main() -> None:
             continue
         entries[name] = run_entry(name, make(splits, runs), splits, args, code)
         print(json.dumps({k: v for k, v in entries[name].items() if k != "epoch_cas"}), flush=True)
-        ordered = [entries[n] for n in makers if n in entries]
-        write_results(out, STEM, ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
+        _write(out, entries, makers, recipe)
+    # The overlap case uses the default grid; --quick (a check that the benchmark runs) skips it.
+    if args.quick or args.only not in (None, OVERLAP):
+        return
+    if OVERLAP in entries and reusable(entries[OVERLAP], args, code) and not args.force:
+        print(f"{OVERLAP}: reusing the entry of {code}", flush=True)
+        return
+    entries[OVERLAP] = run_overlap(recipe, runs, code)
+    print(json.dumps(entries[OVERLAP]), flush=True)
+    _write(out, entries, makers, recipe)
+
+
+def _write(out: Path, entries: dict[str, Any], makers: dict[str, Any], recipe: Recipe) -> None:
+    ordered = [entries[n] for n in (*makers, OVERLAP) if n in entries]
+    write_results(out, STEM, ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
 
 
 if __name__ == "__main__":
