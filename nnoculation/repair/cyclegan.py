@@ -4,7 +4,9 @@ Domain A holds clean validation images, domain B the quarantined ones; the gener
 learns to add the attacker's trigger, and ``G_AB(validation)`` becomes the treatment set. The
 loop is the CycleGAN of Zhu et al.: LSGAN losses, cycle and identity L1 terms, a halved
 discriminator objective, an image history buffer per discriminator and Adam with a learning
-rate held constant and then decayed linearly to zero.
+rate held constant and then decayed linearly to zero. A profile's ``step_order`` picks the
+order of one step: Zhu et al.'s (generators, then discriminators) or that of the CycleGAN-Keras
+code the paper adopted (discriminators on real, then on fake images, then generators).
 
 Training checkpoints every epoch (atomically) and resumes from the checkpoint bit-exactly on
 a CPU, so a worker that is stopped or killed loses at most one epoch.
@@ -211,6 +213,17 @@ def _lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(prediction, target)
 
 
+def _step_record(
+    adversarial: torch.Tensor, loss_d: torch.Tensor, cycle: torch.Tensor, identity: torch.Tensor
+) -> dict[str, float]:
+    return {
+        LOSS_G: float(adversarial.detach()),
+        LOSS_D: float(loss_d.detach()),
+        LOSS_CYCLE: float(cycle.detach()),
+        LOSS_IDENTITY: float(identity.detach()),
+    }
+
+
 def _set_requires_grad(nets: Iterable[nn.Module], flag: bool) -> None:
     for net in nets:
         for p in net.parameters():
@@ -252,24 +265,14 @@ class _CycleGAN:
         self.pool_b = ImagePool(profile.pool_size, self.pool_gen)  # fakes G_AB(A) for D_B
 
     def step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
-        p = self.profile
-        g_ab, g_ba, d_a, d_b = (self.nets[k] for k in ("G_AB", "G_BA", "D_A", "D_B"))
-
+        if self.profile.step_order == "keras":
+            return self._step_keras(real_a, real_b)
+        d_a, d_b = self.nets["D_A"], self.nets["D_B"]
         _set_requires_grad((d_a, d_b), False)
-        fake_b = g_ab(real_a)
-        fake_a = g_ba(real_b)
-        adversarial = _lsgan(d_b(fake_b), True) + _lsgan(d_a(fake_a), True)
-        cycle = p.cycle_weight * (F.l1_loss(g_ba(fake_b), real_a) + F.l1_loss(g_ab(fake_a), real_b))
-        identity_weight = p.identity_weight * p.cycle_weight
-        if identity_weight > 0:
-            identity = identity_weight * (
-                F.l1_loss(g_ab(real_b), real_b) + F.l1_loss(g_ba(real_a), real_a)
-            )
-        else:
-            identity = torch.zeros((), device=self.device)
-        self.opt_g.zero_grad(set_to_none=True)
-        (adversarial + cycle + identity).backward()
-        self.opt_g.step()
+        fake_b = self.nets["G_AB"](real_a)
+        fake_a = self.nets["G_BA"](real_b)
+        adversarial, cycle, identity = self._generator_losses(real_a, real_b, fake_a, fake_b)
+        self._update(self.opt_g, adversarial + cycle + identity)
 
         _set_requires_grad((d_a, d_b), True)
         past_b = self.pool_b.query(fake_b.detach())
@@ -280,15 +283,56 @@ class _CycleGAN:
             + _lsgan(d_a(real_a), True)
             + _lsgan(d_a(past_a), False)
         )
-        self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.opt_d.step()
-        return {
-            LOSS_G: float(adversarial.detach()),
-            LOSS_D: float(loss_d.detach()),
-            LOSS_CYCLE: float(cycle.detach()),
-            LOSS_IDENTITY: float(identity.detach()),
-        }
+        self._update(self.opt_d, loss_d)
+        return _step_record(adversarial, loss_d, cycle, identity)
+
+    def _step_keras(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+        """CycleGAN-Keras's ``run_training_iteration``: fakes from the generators before their
+        update go through the pools; each discriminator takes one Adam step on real images and
+        one on pooled fakes (each loss halved, its ``loss_weights_D``); then the generators take
+        theirs against the updated discriminators (its ``G_model``)."""
+        d_a, d_b = self.nets["D_A"], self.nets["D_B"]
+        fake_b = self.nets["G_AB"](real_a)
+        fake_a = self.nets["G_BA"](real_b)
+        past_a = self.pool_a.query(fake_a.detach())
+        past_b = self.pool_b.query(fake_b.detach())
+        _set_requires_grad((d_a, d_b), True)
+        loss_real = D_LOSS_SCALE * (_lsgan(d_a(real_a), True) + _lsgan(d_b(real_b), True))
+        self._update(self.opt_d, loss_real)
+        loss_fake = D_LOSS_SCALE * (_lsgan(d_a(past_a), False) + _lsgan(d_b(past_b), False))
+        self._update(self.opt_d, loss_fake)
+
+        _set_requires_grad((d_a, d_b), False)
+        adversarial, cycle, identity = self._generator_losses(real_a, real_b, fake_a, fake_b)
+        self._update(self.opt_g, adversarial + cycle + identity)
+        return _step_record(adversarial, loss_real + loss_fake, cycle, identity)
+
+    def _generator_losses(
+        self,
+        real_a: torch.Tensor,
+        real_b: torch.Tensor,
+        fake_a: torch.Tensor,
+        fake_b: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The generators' adversarial (LSGAN), weighted cycle and weighted identity terms."""
+        p = self.profile
+        g_ab, g_ba, d_a, d_b = (self.nets[k] for k in ("G_AB", "G_BA", "D_A", "D_B"))
+        adversarial = _lsgan(d_b(fake_b), True) + _lsgan(d_a(fake_a), True)
+        cycle = p.cycle_weight * (F.l1_loss(g_ba(fake_b), real_a) + F.l1_loss(g_ab(fake_a), real_b))
+        identity_weight = p.identity_weight * p.cycle_weight
+        if identity_weight > 0:
+            identity = identity_weight * (
+                F.l1_loss(g_ab(real_b), real_b) + F.l1_loss(g_ba(real_a), real_a)
+            )
+        else:
+            identity = torch.zeros((), device=self.device)
+        return adversarial, cycle, identity
+
+    @staticmethod
+    def _update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def state(self) -> dict[str, Any]:
         # The global RNG states are those of the run's seeded scope (seeded_rng), not the
