@@ -264,7 +264,7 @@ def test_invalid_specs_are_refused() -> None:
         Trigger("bad", "no-such-trigger")
     with pytest.raises(ValueError, match="unknown triangle trigger parameters"):
         Trigger("bad", "combine", combine_params(("patch", {}), ("triangle", {"colour": 1})))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="all-to-all rule needs a shift and no target"):
         TargetRule("all-to-all", target=3, shift=None)
     with pytest.raises(ValueError, match="poisoning policy"):
         AttackSpec("x", "", (Trigger("p", "patch"),), policy="sneaky")

@@ -106,9 +106,9 @@ def test_retraining_set_is_validation_plus_its_noisy_copy() -> None:
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alpha0 must be positive"):
         PredeployConfig(alpha0=0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="theta is a fraction"):
         PredeployConfig(alpha0=1e-3, theta=3.0)
     assert PredeployConfig(alpha0=1e-3, alpha_multiples=(1, 2)).alphas == (1e-3, 2e-3)
 
