@@ -5,7 +5,10 @@ threshold), and every offline stage is run and timed. Tiny nets on synthetic ima
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -183,3 +186,30 @@ def test_entries_carry_provenance(measured: dict[str, Any]) -> None:
     out = cost.entries(measured["figures"], common)
     assert [e["name"] for e in out] == [*cost.PATHS, *cost.OFFLINE]
     assert all(e["commit"] == "abc" and e["date"] == "d" for e in out)
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+def test_committed_cost_results_have_the_issue_s_schema() -> None:
+    """docs/results/cost.json: the issue's keys, one clean commit for the whole file, and
+    provenance on every entry."""
+    doc = json.loads((RESULTS / "cost.json").read_text())
+    for key in ("ensemble_ms_per_input", "strip_ms_per_input", "ratio", "batch_size", "inputs",
+                "offline_seconds", "commit", "torch", "device", "cpu", "threads", "date",
+                "command"):  # fmt: skip
+        assert key in doc, key
+    assert set(doc["offline_seconds"]) == set(cost.OFFLINE)
+    assert all(s > 0 for s in doc["offline_seconds"].values())
+    assert doc["ensemble_ms_per_input"] > 0
+    assert doc["ratio"] == pytest.approx(
+        doc["strip_ms_per_input"] / doc["ensemble_ms_per_input"], abs=0.006
+    )
+    assert re.fullmatch(r"[0-9a-f]{40}", doc["commit"])  # not -dirty, not unknown
+    assert doc["command"].startswith(cost.COMMAND)
+    assert {e["name"] for e in doc["entries"]} == {*cost.PATHS, *cost.OFFLINE}
+    for entry in doc["entries"]:
+        assert {k: entry[k] for k in ("commit", "torch", "device", "date")} == {
+            k: doc[k] for k in ("commit", "torch", "device", "date")
+        }
+    assert f"**{doc['ratio']:g}x**" in (RESULTS / "cost.md").read_text()
