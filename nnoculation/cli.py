@@ -666,6 +666,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nnoculation.bench import ConfigError, run_from_file  # evaluation only: load on use
+
+    try:
+        run_from_file(args.config, Path(args.out), Path(args.runs), args.only_cells)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def _add_store_args(p: argparse.ArgumentParser, *, required: bool, what: str) -> None:
     p.add_argument(
         "--store",
@@ -911,6 +921,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave younger leftovers alone: a publish may still be running (default: %(default)g)",
     )
     q.set_defaults(func=cmd_store_cleanup)
+
+    p = sub.add_parser("bench", help="experiment matrix from a TOML config (docs/bench.md)")
+    p.add_argument("config", help="TOML file: attacks x defenses x seeds (configs/*.toml)")
+    p.add_argument("--only-cells", nargs="+", metavar="ATTACK/DEFENSE/SEED", help="globs")
+    p.add_argument("--out", default="docs/results", help="where the results are written")
+    p.add_argument("--runs", default="runs/bench", help="cells and intermediate models")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")
     p.add_argument("kind", choices=["attacks", "architectures", "datasets"])

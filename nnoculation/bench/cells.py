@@ -1,0 +1,135 @@
+"""Bench cells: one (attack, defense, seed) measurement as a JSON file, written atomically, and
+the rule that decides whether a finished cell may be reused by a later run.
+
+A cell is reused only when the running code is a clean commit (no uncommitted change to
+tracked code; see :func:`nnoculation.benchmarks.common.commit`), the cell names that same
+commit and its settings hash matches. Anything else is measured again, so a results file
+never mixes code: "cells may resume across runs only when the same code made them"
+(issue 10, item 1).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.durable import fsync_path
+from nnoculation.runtime import default_device
+
+CELL_FORMAT = 1  # bump when a cell's meaning changes: older cells then never match
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """One point of the matrix."""
+
+    attack: str
+    defense: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        """``attack/defense/seed``: what ``--only-cells`` patterns match."""
+        return f"{self.attack}/{self.defense}/{self.seed}"
+
+    @property
+    def filename(self) -> str:
+        return f"{self.attack}__{self.defense}__s{self.seed}.json"
+
+
+@dataclass
+class Measured:
+    """What measuring a cell gives, in percent: CA, ASR and floor per trigger (in the same
+    order), and the seconds of the defense's own offline work."""
+
+    triggers: list[str]
+    ca: float
+    asr: list[float]
+    floor: list[float]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def is_clean(commit: str) -> bool:
+    """Whether ``commit`` names committed code (not ``-dirty``, not ``unknown``)."""
+    return len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    blob = json.dumps({"format": CELL_FORMAT, **settings}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def provenance(commit: str, settings: str) -> dict[str, Any]:
+    """Who made a cell: the code commit, torch, the device, the date and the settings hash."""
+    device = default_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {
+        "commit": commit,
+        "torch": torch.__version__,
+        "device": f"{device.type} ({name})",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings_hash": settings,
+    }
+
+
+def cell_record(key: CellKey, measured: Measured, commit: str, settings: str) -> dict[str, Any]:
+    return {
+        "attack": key.attack,
+        "defense": key.defense,
+        "seed": key.seed,
+        "triggers": measured.triggers,
+        "ca": round(measured.ca, 2),
+        "asr": [round(a, 2) for a in measured.asr],
+        "floor": [round(f, 2) for f in measured.floor],
+        "seconds": round(measured.seconds, 1),
+        "details": json.loads(json.dumps(measured.details, default=str)),
+        "provenance": provenance(commit, settings),
+    }
+
+
+def reusable(record: dict[str, Any] | None, commit: str, settings: str) -> bool:
+    """The resume rule of the module doc."""
+    if record is None or not is_clean(commit):
+        return False
+    prov = record.get("provenance", {})
+    return bool(prov.get("commit") == commit and prov.get("settings_hash") == settings)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON so an interrupt leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as handle:
+            handle.write(json.dumps(data, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def read_cell(path: Path) -> dict[str, Any] | None:
+    """A finished cell, or None when there is none (or it cannot be read: it is re-run)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def selected(key: CellKey, patterns: list[str] | None) -> bool:
+    """Whether ``--only-cells`` patterns (globs over ``attack/defense/seed``) take ``key``."""
+    return patterns is None or any(fnmatch.fnmatchcase(key.id, p) for p in patterns)
