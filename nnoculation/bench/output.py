@@ -189,7 +189,7 @@ def plot(cfg: BenchConfig, entries: list[dict[str, Any]], path: Path) -> Path:
     for ax in axes[len(entries) :]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6))
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2 * cols))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=PLOT_DPI)
     return path
