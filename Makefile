@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost \
 	results clean
 
 setup: $(STAMP)
@@ -92,6 +92,14 @@ results-repair-lr: setup data
 # entry (--only NAME for one). ResNet-18 is listed but takes hours on 2 CPU cores.
 results-predeploy-speed: setup data
 	$(PY) -m nnoculation.benchmarks.predeploy_speed --out docs/results
+
+# What one pre-deployment cell costs under each speed idea (fused Adam, threads, processes, batches).
+results-cell-cost: setup data
+	$(PY) -m nnoculation.benchmarks.cell_cost --out docs/results
+
+# Inference ms per input of the ensemble vs STRIP, and each defense's offline seconds (issue 10).
+results-cost: setup data
+	$(PY) -m nnoculation.benchmarks.cost --out docs/results
 
 results-cyclegan-speed: setup
 	$(PY) -m nnoculation.benchmarks.cyclegan_speed --out docs/results
