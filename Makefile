@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch \
 	results clean
 
 setup: $(STAMP)
@@ -96,6 +96,13 @@ results-predeploy-speed: setup data
 # What one pre-deployment cell costs under each speed idea (fused Adam, threads, processes, batches).
 results-cell-cost: setup data
 	$(PY) -m nnoculation.benchmarks.cell_cost --out docs/results
+
+# Evaluation matrices of `nnoculation bench` (docs/bench.md): Table 5 whole (hours) or its patch row.
+results-table5: setup data
+	$(VENV)/bin/nnoculation bench configs/table5.toml --out docs/results
+
+results-table5-patch: setup data
+	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results
 
 # Inference ms per input of the ensemble vs STRIP, and each defense's offline seconds (issue 10).
 results-cost: setup data
