@@ -168,6 +168,8 @@ class Chain:
             "passed_gate": outcome.passed_gate,
             "reason": outcome.reason,
             "trigger_effect": pct1(outcome.trigger_effect),
+            "distilled": outcome.distilled,  # the GoodNet's fine-tune used soft targets
+            "holdout_ca": {k: pct1(v) for k, v in outcome.holdout.items()},  # what the gate saw
             "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
         }
         if outcome.passed_gate:
