@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc \
 	results clean
 
 setup: $(STAMP)
@@ -100,6 +100,9 @@ results-cell-cost: setup data
 # Evaluation matrices of `nnoculation bench` (docs/bench.md): Table 5 whole (hours) or its patch row.
 results-table5: setup data
 	$(VENV)/bin/nnoculation bench configs/table5.toml --out docs/results
+
+results-table5-varloc: setup data
+	$(VENV)/bin/nnoculation bench configs/table5-varloc.toml --out docs/results
 
 results-table5-patch: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results
