@@ -298,7 +298,7 @@ def test_cli_validation_source_is_reported_and_a_memorised_badnet_warns(
     out = tmp_path / "from-test"
     assert main([*base, "--validation-source", "test", "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert "warning:" not in captured.err
+    assert "looks memorised" not in captured.err
     report = json.loads((out / "report.json").read_text())
     check = report["validation"]
     assert check["source"] == "test" and not check["memorised"] and check["warning"] is None
