@@ -13,7 +13,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import platform
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from models.durable import fsync_path
+from models.durable import write_atomic
 from nnoculation.runtime import default_device
 
 CELL_FORMAT = 1  # bump when a cell's meaning changes: older cells then never match
@@ -107,18 +106,8 @@ def reusable(record: dict[str, Any] | None, commit: str, settings: str) -> bool:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write ``data`` as JSON so an interrupt leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(json.dumps(data, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    text = (json.dumps(data, indent=2) + "\n").encode()
+    write_atomic(path, lambda handle: handle.write(text))
 
 
 def read_cell(path: Path) -> dict[str, Any] | None:

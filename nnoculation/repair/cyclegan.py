@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -33,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.cyclegan import CycleGANProfile, build_cyclegan_nets
-from models.durable import fsync_path
+from models.durable import write_atomic
 from nnoculation.runtime import default_device, seeded_rng
 
 logger = logging.getLogger(__name__)
@@ -374,18 +372,7 @@ class _CycleGAN:
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     """Write ``obj`` to ``path`` via a temp file in the same directory, fsync and rename, so an
     interrupted write never replaces the last complete checkpoint."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    write_atomic(path, lambda handle: torch.save(obj, handle))
 
 
 def _load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
