@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive \
 	results clean
 
 setup: $(STAMP)
@@ -103,6 +103,9 @@ results-table5: setup data
 
 results-table5-varloc: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-varloc.toml --out docs/results
+
+results-table5-adaptive: setup data
+	$(VENV)/bin/nnoculation bench configs/table5-adaptive.toml --out docs/results
 
 results-table5-patch: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results

@@ -70,9 +70,11 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_every_offline_stage_is_run_and_timed(measured: dict[str, Any]) -> None:
-    for seconds in (measured["offline"].seconds, measured["figures"]["offline_seconds"]):
-        assert list(seconds) == list(cost.OFFLINE)
-        assert all(s > 0 for s in seconds.values())
+    raw, reported = measured["offline"].seconds, measured["figures"]["offline_seconds"]
+    assert list(raw) == list(reported) == list(cost.OFFLINE)
+    assert all(s > 0 for s in raw.values())
+    # the file keeps two decimals: a tiny stage on a fast machine may print 0.0 (CI did)
+    assert reported == {k: round(v, 2) for k, v in raw.items()}
     found = measured["figures"]["offline_found"]
     assert found["nnoculation_predeploy"]["cells_trained"] == 1
     assert found["strip"]["n"] == N
