@@ -314,17 +314,35 @@ def _store_target(args: argparse.Namespace) -> tuple[BundleStore, str] | None:
 
 
 def _search_speed(args: argparse.Namespace) -> dict[str, Any]:
-    """``--exact``, ``--prune-margin``, ``--cells-at-once`` as PredeployConfig fields."""
+    """``--exact``, ``--prune-margin``, ``--cells-at-once``, ``--workers`` as PredeployConfig
+    fields. ``--workers auto``: one single-thread worker per CPU thread we may use (the
+    measured gain on 2 cores, docs/results/cell_cost.md), one process when cells are batched."""
     if args.prune_margin is not None and (args.exact or args.full_grid):
         raise UsageError(
             "--prune-margin is a shortcut that is not provably exact: not with "
             + ("--exact" if args.exact else "--full-grid")
         )
+    workers = args.workers
+    if workers == AUTO:
+        import torch  # the threads main() configured
+
+        workers = 1 if args.cells_at_once > 1 else torch.get_num_threads()
+    elif workers > 1 and args.cells_at_once > 1:
+        raise UsageError("--workers and --cells-at-once: batched cells run in one process")
     return {
         "exact": args.exact,
         "prune_margin": args.prune_margin,
         "cells_at_once": args.cells_at_once,
+        "workers": workers,
     }
+
+
+AUTO = "auto"
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: ``auto`` or a positive number of processes."""
+    return AUTO if text == AUTO else _positive_int(text)
 
 
 def cmd_predeploy(args: argparse.Namespace) -> int:
@@ -767,6 +785,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=PredeployConfig.cells_at_once,
         help="cells trained together as one batched model (slower on 2 CPU cores; default 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=AUTO,
+        help="processes training cells side by side, one thread each (default auto: one per "
+        "CPU thread; 1 trains cells one after the other on every thread)",
     )
     p.add_argument(
         "--attack-spec",

@@ -11,7 +11,11 @@ cell that passes (i) is then provably the one the rule picks over the whole grid
 remaining cells need not be trained. ``full_grid`` trains every cell (to draw the paper's
 Figure 4 / Table 2) and applies the same rule to the finished grid.
 
-Two ways to get there faster:
+Three ways to get there faster:
+
+* ``workers = W`` trains W cells of the search order side by side in W worker processes on a
+  CPU (:mod:`nnoculation.cell_pool`) and takes them back in search order, so the pick is the
+  same cell; cells after the pick that were already in flight are discarded.
 
 * ``cells_at_once = K`` trains K consecutive cells of the search order together as one batched
   model (:mod:`nnoculation.batched`); each gives the weights it would get alone (to float
@@ -30,12 +34,13 @@ Two ways to get there faster:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from models.nets import Net
 from nnoculation.batched import CellJob, batch_refusal, train_batched
+from nnoculation.cell_pool import cells_in_order
 from nnoculation.data.imageset import ImageSet
 from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.noise import generator_for, noise_augment
@@ -69,6 +74,7 @@ class PredeployConfig:
     full_grid: bool = False
     seed: int = 0
     cells_at_once: int = 1  # cells trained together as one batched model (1: one at a time)
+    workers: int = 1  # processes training cells side by side on a CPU (nnoculation.cell_pool)
     exact: bool = False  # no shortcut that is not provably exact (prune_margin refused)
     prune_margin: float | None = None  # stop a cell this far below the bar (None: never)
     track_epochs: bool = False  # record every cell's hold-out CA after every epoch
@@ -86,6 +92,10 @@ class PredeployConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.cells_at_once < 1:
             raise ValueError("cells_at_once must be at least 1")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.workers > 1 and self.cells_at_once > 1:
+            raise ValueError("choose workers or cells_at_once: batched cells run in one process")
         if self.prune_margin is not None:
             if self.exact:
                 raise ValueError(
@@ -285,11 +295,12 @@ def train_cell(
     gamma: float,
     cfg: PredeployConfig,
     on_epoch_end: Callable[[int, Net], None] | None = None,
+    progress: bool = True,
 ) -> Net:
     """Retrain a copy of the BadNet at learning rate ``alpha`` and noise fraction ``gamma``.
 
     ``on_epoch_end(epochs_done, net)`` runs after every epoch (the net in eval mode for its
-    duration); an exception it raises stops training.
+    duration); an exception it raises stops training. ``progress``: a per-epoch bar.
     """
     net = badnet.clone()
     data = retraining_data(retrain, gamma, cfg.seed, cfg.fresh_noise)
@@ -309,6 +320,7 @@ def train_cell(
         data,
         cell_recipe(alpha, cfg),
         desc=f"alpha={alpha:.4g} gamma={gamma:.0%}",
+        progress=progress,
         on_epoch_end=hook,
     )
     return net
@@ -318,7 +330,7 @@ class _Stop(Exception):
     """Raised by the pruning hook to end a cell's training."""
 
 
-def _train_group(
+def train_group(
     badnet: Net,
     retrain: ImageSet,
     holdout: ImageSet,
@@ -326,6 +338,7 @@ def _train_group(
     cfg: PredeployConfig,
     bar: float | None,
     batched: bool,
+    progress: bool = True,
 ) -> list[tuple[Cell, Net | None]]:
     """Train the cells of ``group`` (together when ``batched``), returning them with their
     hold-out CA; with ``bar`` a cell whose hold-out CA falls below it after an epoch before the
@@ -382,7 +395,9 @@ def _train_group(
 
             try:
                 nets.append(
-                    train_cell(badnet, retrain, alpha, gamma, cfg, on_epoch if track else None)
+                    train_cell(
+                        badnet, retrain, alpha, gamma, cfg, on_epoch if track else None, progress
+                    )
                 )
             except _Stop:
                 nets.append(None)
@@ -421,29 +436,44 @@ def run_predeploy(
     bar = None if cfg.prune_margin is None else prune_bar(baseline_ca, cfg.theta, cfg.prune_margin)
     order = search_order(cfg.alphas, cfg.gammas)
     size = cfg.cells_at_once if batched else 1
+    workers = min(cfg.workers, len(order))  # a one-cell grid needs no pool
+    pooled = workers > 1
+    if pooled:  # one cell per group, in search order, from the worker processes
+        stream = cells_in_order(
+            badnet, retrain, holdout, order, cfg, bar, baseline_ca, keep_all=test is not None
+        )
+        groups: Iterator[list[tuple[Cell, Net | None]]] = ([item] for item in stream)
+    else:
+        groups = (
+            train_group(badnet, retrain, holdout, order[first : first + size], cfg, bar, batched)
+            for first in range(0, len(order), size)
+        )
     cells: list[Cell] = []
     nets: dict[tuple[float, float], Net] = {}
-    for first in range(0, len(order), size):
-        found = False
-        group = order[first : first + size]
-        for cell, net in _train_group(badnet, retrain, holdout, group, cfg, bar, batched):
-            if test is not None and net is not None:
-                t1 = time.perf_counter()
-                cell.test = evaluate(net, test, attack)
-                evaluation_seconds += time.perf_counter() - t1
-            cells.append(cell)
-            if on_cell is not None:
-                on_cell(cell)
-            if net is not None and eligible(cell, baseline_ca, cfg.theta):
-                found = True
-                if select_cell(cells, baseline_ca, cfg.theta) is cell:
-                    nets = {(cell.alpha, cell.gamma): net}
-        if found and not cfg.full_grid:
-            break  # the first eligible cell in search order is the whole grid's pick
+    try:
+        for group in groups:
+            found = False
+            for cell, net in group:
+                if test is not None and net is not None:
+                    t1 = time.perf_counter()
+                    cell.test = evaluate(net, test, attack)
+                    evaluation_seconds += time.perf_counter() - t1
+                cells.append(cell)
+                if on_cell is not None:
+                    on_cell(cell)
+                if net is not None and eligible(cell, baseline_ca, cfg.theta):
+                    found = True
+                    if select_cell(cells, baseline_ca, cfg.theta) is cell:
+                        nets = {(cell.alpha, cell.gamma): net}
+            if found and not cfg.full_grid:
+                break  # the first eligible cell in search order is the whole grid's pick
+    finally:
+        if pooled:
+            stream.close()  # stops the workers: cells still in flight are discarded
     picked = select_cell(cells, baseline_ca, cfg.theta)
     goodnet = None if picked is None else nets[(picked.alpha, picked.gamma)]
     result = PredeployResult(
-        extra={"cells_at_once": size, "batched": batched},
+        extra={"cells_at_once": size, "batched": batched, "workers": workers},
         config=cfg,
         baseline_ca=baseline_ca,
         cells=cells,
