@@ -485,6 +485,10 @@ def test_committed_bench_results_follow_the_schema_and_name_one_clean_commit(pat
     assert is_clean(doc["commit"]), f"{path.name} was made by uncommitted code ({doc['commit']})"
     cfg = parse_config(doc["config"], path.name)
     assert doc["command"].split()[2:3] == [f"configs/{cfg.name}.toml"]
-    assert [e["attack"] for e in doc["entries"]] == cfg.attacks
+    if cfg.variants:  # one entry per (attack, variant), attack by attack
+        rows = [(a, v.name) for a in cfg.attacks for v in cfg.variants]
+        assert [(e["attack"], e["variant"]) for e in doc["entries"]] == rows
+    else:
+        assert [e["attack"] for e in doc["entries"]] == cfg.attacks
     for e in doc["entries"]:
         assert list(e["defenses"]) == cfg.defenses and e["seeds"] == cfg.seeds

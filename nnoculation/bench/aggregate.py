@@ -8,6 +8,9 @@ median ASR meets the median floor; ``met_by`` names the first stage, pre-deploym
 then the repair, whose worst verdict holds. A verdict over fewer than 3 seeds is marked
 ``provisional`` (issue 10, item 1: "at least 3 seeds").
 
+In a config with variants there is one entry per (attack, variant), each as above plus
+``variant`` (and ``x``, the variant's place on the plot's x axis, when the config gives one).
+
 The Pareto front (Table 5's bold cells) is taken per attack over the defenses' median figures,
 CA up and ASR down (the worst trigger's median ASR for a multi-trigger attack); the BadNet
 itself and defenses given oracle knowledge (``oracle_target``) are left out, as in the paper.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from nnoculation.bench.config import BADNET, POST, PRE
@@ -160,16 +164,39 @@ def attack_entry(
     }
 
 
+@dataclass(frozen=True)
+class Row:
+    """A variant as the entries see it: its name, its x (or None) and its oracle defenses."""
+
+    variant: str
+    x: float | None = None
+    oracle: tuple[str, ...] = ()
+
+
 def entries(
     cells: list[dict[str, Any]],
     attacks: list[str],
     defenses: list[str],
     seeds: list[int],
     oracle: Iterable[str] = (),
+    variants: list[Row] | None = None,
 ) -> list[dict[str, Any]]:
-    """One entry per attack; refuses cells of more than one commit."""
+    """One entry per attack, or per (attack, variant) in attack order then variant order when
+    ``variants`` are given (their ``oracle`` replaces ``oracle``); refuses cells of more than
+    one commit."""
     one_commit(c["provenance"]["commit"] for c in cells)
-    return [
-        attack_entry(a, [c for c in cells if c["attack"] == a], defenses, seeds, oracle)
-        for a in attacks
-    ]
+    if not variants:
+        return [
+            attack_entry(a, [c for c in cells if c["attack"] == a], defenses, seeds, oracle)
+            for a in attacks
+        ]
+    out = []
+    for a in attacks:
+        for row in variants:
+            mine = [c for c in cells if c["attack"] == a and c.get("variant") == row.variant]
+            if not mine:
+                raise ValueError(f"{a}, variant {row.variant}: no cell")
+            entry = attack_entry(a, mine, defenses, seeds, row.oracle)
+            x = {} if row.x is None else {"x": row.x}
+            out.append({"attack": a, "variant": row.variant, **x, **entry})
+    return out

@@ -1,5 +1,6 @@
-"""Bench cells: one (attack, defense, seed) measurement as a JSON file, written atomically, and
-the rule that decides whether a finished cell may be reused by a later run.
+"""Bench cells: one (attack, defense, seed) measurement, (variant, attack, defense, seed) in a
+config with variants, as a JSON file, written atomically, and the rule that decides whether a
+finished cell may be reused by a later run.
 
 A cell is reused only when the running code is a clean commit (no uncommitted change to
 tracked code; see :func:`nnoculation.benchmarks.common.commit`), the cell names that same
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from models.durable import write_atomic
+from nnoculation.bench.attacker import fs_name
 from nnoculation.runtime import default_device
 
 CELL_FORMAT = 1  # bump when a cell's meaning changes: older cells then never match
@@ -29,20 +31,27 @@ CELL_FORMAT = 1  # bump when a cell's meaning changes: older cells then never ma
 
 @dataclass(frozen=True)
 class CellKey:
-    """One point of the matrix."""
+    """One point of the matrix; ``variant`` is None in a config without variants."""
 
     attack: str
     defense: str
     seed: int
+    variant: str | None = None
 
     @property
     def id(self) -> str:
-        """``attack/defense/seed``: what ``--only-cells`` patterns match."""
-        return f"{self.attack}/{self.defense}/{self.seed}"
+        """``attack/defense/seed`` (``variant/attack/defense/seed`` in a config with variants):
+        what ``--only-cells`` patterns match."""
+        cell = f"{self.attack}/{self.defense}/{self.seed}"
+        return cell if self.variant is None else f"{self.variant}/{cell}"
 
     @property
     def filename(self) -> str:
-        return f"{self.attack}__{self.defense}__s{self.seed}.json"
+        cell = f"{fs_name(self.attack)}__{self.defense}__s{self.seed}.json"
+        return cell if self.variant is None else f"{self.variant}__{cell}"
+
+    def without_variant(self) -> CellKey:
+        return CellKey(self.attack, self.defense, self.seed)
 
 
 @dataclass
@@ -82,7 +91,9 @@ def provenance(commit: str, settings: str) -> dict[str, Any]:
 
 
 def cell_record(key: CellKey, measured: Measured, commit: str, settings: str) -> dict[str, Any]:
+    variant = {} if key.variant is None else {"variant": key.variant}
     return {
+        **variant,
         "attack": key.attack,
         "defense": key.defense,
         "seed": key.seed,
@@ -120,5 +131,5 @@ def read_cell(path: Path) -> dict[str, Any] | None:
 
 
 def selected(key: CellKey, patterns: list[str] | None) -> bool:
-    """Whether ``--only-cells`` patterns (globs over ``attack/defense/seed``) take ``key``."""
+    """Whether ``--only-cells`` patterns (globs over :attr:`CellKey.id`) take ``key``."""
     return patterns is None or any(fnmatch.fnmatchcase(key.id, p) for p in patterns)

@@ -5,12 +5,23 @@ BadNets, reference models and deployments are shared by the cells of an (attack,
 kept under ``runs/bench/<name>/work/`` with a stamp (code commit + settings hash): a later run
 reuses them only when the same clean commit made them with the same settings, as for cells
 (:mod:`nnoculation.bench.cells`); on a dirty tree they are shared within one run only.
+
+Variants share by content. A BadNet (with its clean reference model, hence its floor) is
+decided by the attacker's settings alone: the recipe (``train``, ``splits``), the split, the
+attack and a noise-trained attack's ``attacker_noise``. Variants that change none of them (only
+``predeploy``, ``stream``, ``repair``, ``validation_share`` or a defense's options) use the
+top level's BadNet of each seed, in the folder a config without variants uses; a variant
+that changes one gets its own, in a folder named by the hash of its attacker settings (shared
+by every variant with the same ones). Deployments likewise: decided by the BadNet, the
+pre-deployment settings and the validation share, so variants that change only the stream or
+the repair (Figure 4c) share one search per seed.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,19 +30,32 @@ from typing import Any
 
 from models.bundle import Bundle, load_bundle
 from nnoculation.attacks import AttackSpec, attack_from_dict
-from nnoculation.badnets import BADNET_ROLE, make_badnet
+from nnoculation.badnets import (
+    BADNET_ROLE,
+    BadNetReport,
+    attack_recipe,
+    input_spec_for,
+    make_badnet,
+    new_net,
+    reference_model,
+)
+from nnoculation.bench.attacker import attack_spec, base_name, fs_name
 from nnoculation.bench.cells import CellKey, Measured, is_clean, settings_hash
 from nnoculation.bench.config import BADNET, POST, PRE, BenchConfig
-from nnoculation.bench.protocol import split_source
+from nnoculation.bench.protocol import defender_splits, split_source
 from nnoculation.benchmarks.common import pct1
+from nnoculation.bundle_io import write_bundle_dir
+from nnoculation.data.imageset import ImageSet
 from nnoculation.data.sources import load_dataset
-from nnoculation.data.splits import Splits, make_splits
+from nnoculation.data.splits import SplitConfig, Splits, make_splits
 from nnoculation.defenses import DefenseInputs
 from nnoculation.ensemble import Ensemble
 from nnoculation.metrics import Predictor, evaluate
 from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
+from nnoculation.recipes import Recipe
 from nnoculation.repair.engine import repair
 from nnoculation.stream import simulate_stream
+from nnoculation.training import train
 
 STAMP = "stamp.json"
 
@@ -58,67 +82,109 @@ class Chain:
         self.cfg, self.work, self.commit = cfg, work_dir, commit
         # Work made on a dirty tree is reused within this run only.
         self.run = None if is_clean(commit) else uuid.uuid4().hex
-        self._splits: Splits | None = None
+        self._splits: dict[SplitConfig, Splits] = {}
 
     def measure(self, key: CellKey) -> Measured:
-        seeds = self.cfg.seeds_of(key.seed)
-        bad = self.badnet(key.attack, seeds.badnet)
+        cfg = self.cfg.variant_config(key.variant)
+        seeds = cfg.seeds_of(key.seed)
+        splits = self.splits(cfg)
+        bad = self.badnet(cfg, key.attack, seeds.badnet)
         badnet = bad.bundle.net(BADNET_ROLE)
         if key.defense == BADNET:
-            return self._measured(badnet, bad, 0.0)
+            return self._measured(badnet, bad, splits.test, 0.0)
+        defender = defender_splits(splits, cfg.validation_share)
         if key.defense in (PRE, POST):
-            dep = self.deployment(key.attack, key.seed, bad)
+            dep = self.deployment(cfg, key.attack, key.seed, bad, defender)
             if key.defense == PRE:
-                return self._pre(dep, bad)
-            return self._post(dep, bad, seeds.chain)
-        inputs = DefenseInputs(badnet, self.splits.retrain, self.splits.holdout, seed=seeds.chain)
-        defended = self.cfg.defense(key.defense).run(inputs)
-        return self._measured(defended.predictor, bad, defended.offline_seconds, defended.details)
-
-    @property
-    def splits(self) -> Splits:
-        if self._splits is None:
-            recipe = self.cfg.recipe(0)  # the split does not depend on the seed
-            source = split_source(load_dataset(recipe.dataset), self.cfg.split)
-            self._splits = make_splits(source, recipe.splits)
-        return self._splits
-
-    def badnet(self, attack: str, badnet_seed: int) -> BadNet:
-        """The BadNet of ``attack`` trained with ``badnet_seed``, and its floor."""
-        recipe = self.cfg.recipe(badnet_seed)
-        out = self.work / attack / f"badnet-s{badnet_seed}"
-        self._stamped(self.work / "cache", {}, lambda d: d.mkdir(parents=True))
-        self._stamped(
-            out,
-            self._badnet_settings(attack, badnet_seed),
-            lambda d: make_badnet(
-                attack, recipe, d, self.work / "cache", splits=self.splits, progress=False
-            ),
+                return self._pre(dep, bad, splits.test)
+            return self._post(cfg, dep, bad, splits, seeds.chain)
+        inputs = DefenseInputs(badnet, defender.retrain, defender.holdout, seed=seeds.chain)
+        defended = cfg.defense(key.defense).run(inputs)
+        return self._measured(
+            defended.predictor, bad, splits.test, defended.offline_seconds, defended.details
         )
+
+    def splits(self, cfg: BenchConfig) -> Splits:
+        """The split of ``cfg``'s recipe (it does not depend on the seed), made once per run."""
+        recipe = cfg.recipe(0)
+        if recipe.splits not in self._splits:
+            source = split_source(load_dataset(recipe.dataset), cfg.split)
+            self._splits[recipe.splits] = make_splits(source, recipe.splits)
+        return self._splits[recipe.splits]
+
+    def badnet(self, cfg: BenchConfig, attack: str, badnet_seed: int) -> BadNet:
+        """The BadNet of ``attack`` trained with ``badnet_seed`` under ``cfg``'s attacker
+        settings, and its floor; shared with every variant of the same attacker settings."""
+        recipe = cfg.recipe(badnet_seed)
+        settings = self._badnet_settings(cfg, attack, badnet_seed)
+        folder = f"badnet-s{badnet_seed}"
+        if settings != self._badnet_settings(self.cfg, attack, badnet_seed):
+            folder = f"badnet-{settings_hash(settings)[:8]}-s{badnet_seed}"
+        out = self.work / fs_name(attack) / folder
+        self._stamped(self.work / "cache", {}, lambda d: d.mkdir(parents=True))
+        splits = self.splits(cfg)
+        self._stamped(out, settings, lambda d: self._make_badnet(cfg, attack, recipe, splits, d))
         bundle = load_bundle(out / BADNET_ROLE)
-        attack_spec = attack_from_dict(bundle.manifest.provenance["attack"])
-        return BadNet(bundle, attack_spec, bundle.manifest.metrics["floor"])
+        spec = attack_from_dict(bundle.manifest.provenance["attack"])
+        return BadNet(bundle, spec, bundle.manifest.metrics["floor"])
 
-    def _badnet_settings(self, attack: str, badnet_seed: int) -> dict[str, Any]:
-        recipe = self.cfg.recipe(badnet_seed)
-        return {"recipe": recipe.to_dict(), "attack": attack, "split": self.cfg.split}
+    def _make_badnet(
+        self, cfg: BenchConfig, attack: str, recipe: Recipe, splits: Splits, out: Path
+    ) -> None:
+        cache = self.work / "cache"
+        if attack == base_name(attack) and not cfg.attacker_settings(attack):
+            make_badnet(attack, recipe, out, cache, splits=splits, progress=False)
+            return
+        # A noise-trained catalog attack (adaptive:<name>), or a noise strength of its own: the
+        # library's cache key for the clean reference model knows the noise policy but not its
+        # strength, so a strength other than the catalog's caches its clean models apart.
+        noise = cfg.attacker_settings(attack)
+        if noise:
+            cache = cache / f"noise-{settings_hash(noise)[:8]}"
+        spec = attack_spec(attack, splits.attacker.num_classes, splits.attacker.shape, cfg.noise())
+        make_spec_badnet(spec, recipe, out, cache, splits)
 
-    def deployment(self, attack: str, seed: int, bad: BadNet) -> Deployment:
-        """The pre-deployment search on ``bad`` with the seed's chain seed."""
-        seeds = self.cfg.seeds_of(seed)
-        cfg = self.cfg.predeploy_config(self.cfg.recipe(seeds.badnet), seeds.chain)
-        out = self.work / attack / f"s{seed}" / "predeploy"
-        settings = {
-            "badnet": self._badnet_settings(attack, seeds.badnet),
-            "predeploy": cfg.to_dict(),
+    @staticmethod
+    def _badnet_settings(cfg: BenchConfig, attack: str, badnet_seed: int) -> dict[str, Any]:
+        recipe = cfg.recipe(badnet_seed)
+        return {
+            "recipe": recipe.to_dict(),
+            "attack": attack,
+            "split": cfg.split,
+            **cfg.attacker_settings(attack),
         }
+
+    @classmethod
+    def _deployment_settings(cls, cfg: BenchConfig, attack: str, seed: int) -> dict[str, Any]:
+        seeds = cfg.seeds_of(seed)
+        pre = cfg.predeploy_config(cfg.recipe(seeds.badnet), seeds.chain)
+        settings: dict[str, Any] = {
+            "badnet": cls._badnet_settings(cfg, attack, seeds.badnet),
+            "predeploy": pre.to_dict(),
+        }
+        if cfg.validation_share != 1.0:
+            settings["validation_share"] = cfg.validation_share
+        return settings
+
+    def deployment(
+        self, cfg: BenchConfig, attack: str, seed: int, bad: BadNet, splits: Splits
+    ) -> Deployment:
+        """The pre-deployment search on ``bad`` with the seed's chain seed and the defender's
+        ``splits``; shared with every variant of the same deployment settings."""
+        seeds = cfg.seeds_of(seed)
+        pre = cfg.predeploy_config(cfg.recipe(seeds.badnet), seeds.chain)
+        settings = self._deployment_settings(cfg, attack, seed)
+        folder = "predeploy"
+        if settings != self._deployment_settings(self.cfg, attack, seed):
+            folder = f"predeploy-{settings_hash(settings)[:8]}"
+        out = self.work / fs_name(attack) / f"s{seed}" / folder
         self._stamped(
             out,
             settings,
             lambda d: predeploy_to_dir(
                 bad.bundle.net(BADNET_ROLE),
-                self.splits,
-                cfg,
+                splits,
+                pre,
                 d,
                 attack=bad.attack,
                 floor=bad.floor,
@@ -129,28 +195,32 @@ class Chain:
         bundle = load_bundle(bundle_dir) if (bundle_dir / "manifest.json").exists() else None
         return Deployment(bundle, report)
 
-    def _pre(self, dep: Deployment, bad: BadNet) -> Measured:
+    def _pre(self, dep: Deployment, bad: BadNet, test: ImageSet) -> Measured:
         details = {
             "goodnet": dep.bundle is not None,
             "alpha": dep.report["alpha"],
             "gamma": dep.report["gamma"],
             "cells_trained": dep.report["cells_trained"],
         }
-        return self._measured(self._deployed(dep, bad), bad, dep.report["seconds"], details)
+        return self._measured(self._deployed(dep, bad), bad, test, dep.report["seconds"], details)
 
-    def _post(self, dep: Deployment, bad: BadNet, chain_seed: int) -> Measured:
+    def _post(
+        self, cfg: BenchConfig, dep: Deployment, bad: BadNet, splits: Splits, chain_seed: int
+    ) -> Measured:
         """A stream through the deployed ensemble until N are quarantined, then one repair;
         what is measured is what serves afterwards: the repaired ensemble if the gate passed
         it, else the pre-deployment one (nothing is published)."""
         if dep.bundle is None:
             reason = "no GoodNet within theta: nothing to repair"
             return self._measured(
-                self._deployed(dep, bad), bad, 0.0, {"goodnet": False, "reason": reason}
+                self._deployed(dep, bad),
+                bad,
+                splits.test,
+                0.0,
+                {"goodnet": False, "reason": reason},
             )
         deployed = Ensemble(dep.bundle.net("badnet"), dep.bundle.net("goodnet"))
-        stream = simulate_stream(
-            deployed, self.splits.stream, bad.attack, self.cfg.stream_config(chain_seed)
-        )
+        stream = simulate_stream(deployed, splits.stream, bad.attack, cfg.stream_config(chain_seed))
         details: dict[str, Any] = {
             "goodnet": True,
             "quarantine": {
@@ -161,9 +231,8 @@ class Chain:
         }
         if stream.images.shape[0] == 0:
             details |= {"passed_gate": False, "reason": "empty quarantine: nothing to repair"}
-            return self._measured(deployed, bad, 0.0, details)
-        cfg = self.cfg.repair_config(chain_seed)
-        outcome = repair(dep.bundle, stream.images, cfg, progress=False)
+            return self._measured(deployed, bad, splits.test, 0.0, details)
+        outcome = repair(dep.bundle, stream.images, cfg.repair_config(chain_seed), progress=False)
         details |= {
             "passed_gate": outcome.passed_gate,
             "reason": outcome.reason,
@@ -174,7 +243,7 @@ class Chain:
         }
         if outcome.passed_gate:
             deployed = Ensemble(outcome.badnet, outcome.goodnet)
-        return self._measured(deployed, bad, sum(outcome.seconds.values()), details)
+        return self._measured(deployed, bad, splits.test, sum(outcome.seconds.values()), details)
 
     @staticmethod
     def _deployed(dep: Deployment, bad: BadNet) -> Predictor:
@@ -188,10 +257,11 @@ class Chain:
         self,
         predictor: Predictor,
         bad: BadNet,
+        test: ImageSet,
         seconds: float,
         details: dict[str, Any] | None = None,
     ) -> Measured:
-        ev = evaluate(predictor, self.splits.test, bad.attack)
+        ev = evaluate(predictor, test, bad.attack)
         triggers = list(ev.asr)
         return Measured(
             triggers=triggers,
@@ -214,3 +284,40 @@ class Chain:
         make(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / STAMP).write_text(json.dumps(stamp))
+
+
+def make_spec_badnet(
+    spec: AttackSpec, recipe: Recipe, out_dir: Path, cache_dir: Path, splits: Splits
+) -> BadNetReport:
+    """:func:`nnoculation.badnets.make_badnet` for a spec rather than a catalog name (the
+    same steps and files): poison, train, measure against the clean reference model trained
+    the same way (cached in ``cache_dir`` by recipe and noise policy, so the caller gives a
+    non-default strength a folder of its own), write ``out_dir/badnet``."""
+    train_set = splits.attacker
+    recipe = attack_recipe(recipe, spec)
+    poisoned = spec.poison_training_set(train_set, seed=recipe.train.seed)
+    net = new_net(recipe, input_spec_for(splits), train_set.num_classes)
+    start = time.perf_counter()
+    train(net, poisoned, recipe.train, desc=f"BadNet {spec.name}", progress=False)
+    seconds = time.perf_counter() - start
+    clean, clean_seconds = reference_model(recipe, splits, cache_dir, spec, progress=False)
+    report = BadNetReport(
+        attack=spec,
+        recipe=recipe,
+        badnet=evaluate(net, splits.test, spec),
+        clean=evaluate(clean, splits.test, spec),
+        train_seconds=seconds,
+        clean_train_seconds=clean_seconds,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bundle_dir(
+        out_dir / BADNET_ROLE,
+        name=f"badnet-{fs_name(spec.name)}",
+        nets={BADNET_ROLE: net},
+        class_names=train_set.class_names,
+        metrics=report.to_dict(),
+        provenance={"recipe": recipe.to_dict(), "attack": spec.to_dict(), "train_seconds": seconds},
+    )
+    (out_dir / "attack.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report

@@ -10,18 +10,35 @@ and ``splits`` the data set's recipe, ``predeploy`` the grid, ``stream`` the poi
 the quarantine size, ``repair`` any :class:`~nnoculation.repair.engine.RepairConfig` setting,
 ``defense_options.<name>`` a registry defense's options. Seeds come from ``seeds`` and
 ``split`` alone (:mod:`nnoculation.bench.protocol`), so no section may set one.
+``validation_share`` gives the defender that share of its validation set (Table 9) and
+``attacker_noise`` sets how strongly a noise-trained attacker (``adaptive``,
+``adaptive:<name>``; :mod:`nnoculation.bench.attacker`) trains with noise.
+
+``variants`` (optional) are named override sets of those sections, each merged over the top
+level and checked whole with it: a cell is then (variant, attack, defense, seed). Without
+variants a config's cells, their file names and settings hashes, and its results are what
+they were before variants existed.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from nnoculation.attacks import ATTACKS
+from nnoculation.bench.attacker import AttackerNoise, known_attacks, noise_trained
 from nnoculation.bench.cells import CellKey
 from nnoculation.bench.protocol import (
     MAX_CONFIG_SEED,
@@ -46,6 +63,19 @@ BUILTIN_DEFENSES = (BADNET, PRE, POST)
 # Fields a section may not set: the protocol owns the seeds, the recipe owns alpha0.
 NOT_SETTABLE = {"seed": "seeds come from `seeds` and `split` (docs/bench.md)"}
 PREDEPLOY_FROM_RECIPE = {"alpha0", "optimizer"}
+# What a variant may override: the sections (merged key by key over the top level's) and
+# the two scalars below. The attacker's side is ``train``, ``splits`` (the attacker's set and
+# the test pool the floor is measured on) and ``attacker_noise``; the rest is the defender's.
+SECTIONS = ("train", "splits", "predeploy", "stream", "repair", "attacker_noise")
+VARIANT_KEYS = ("name", "x", "validation_share", *SECTIONS, "defense_options")
+# Fields added with variants: left out of a config's dump while at their defaults, so the
+# results of a config without them read as they did before.
+NEW_FIELDS: dict[str, Any] = {
+    "validation_share": 1.0,
+    "attacker_noise": {},
+    "x_label": None,
+    "variants": [],
+}
 
 
 class ConfigError(ValueError):
@@ -84,6 +114,42 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
+class Variant(BaseModel):
+    """A named override set: the top level's sections with these keys merged over them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    x: float | None = None  # the variant's place on the plot's x axis (e.g. a poison ratio)
+    validation_share: float | None = Field(default=None, gt=0, le=1)
+    train: dict[str, Any] = Field(default_factory=dict)
+    splits: dict[str, Any] = Field(default_factory=dict)
+    predeploy: dict[str, Any] = Field(default_factory=dict)
+    stream: dict[str, Any] = Field(default_factory=dict)
+    repair: dict[str, Any] = Field(default_factory=dict)
+    attacker_noise: dict[str, Any] = Field(default_factory=dict)
+    defense_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            name = data.get("name", "?")
+            for key in data:
+                if key not in VARIANT_KEYS:
+                    raise ValueError(
+                        f"variant {name!r}: unknown key {key!r}; allowed: {', '.join(VARIANT_KEYS)}"
+                    )
+        return data
+
+    @field_validator("x")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"x must be a finite number, got {value}")
+        return value
+
+
 class BenchConfig(BaseModel):
     """One bench matrix; see the module doc and ``docs/bench.md``."""
 
@@ -102,6 +168,11 @@ class BenchConfig(BaseModel):
     stream: dict[str, Any] = Field(default_factory=dict)
     repair: dict[str, Any] = Field(default_factory=dict)
     defense_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    validation_share: float = Field(default=1.0, gt=0, le=1)
+    attacker_noise: dict[str, Any] = Field(default_factory=dict)
+    x_label: str | None = None
+    variants: list[Variant] = Field(default_factory=list)
+    _flat: dict[str, BenchConfig] = PrivateAttr(default_factory=dict)
 
     @field_validator("dataset")
     @classmethod
@@ -116,7 +187,9 @@ class BenchConfig(BaseModel):
     @field_validator("attacks")
     @classmethod
     def _known_attacks(cls, value: list[str]) -> list[str]:
-        return _unique_known("attack", value, ATTACKS.names())
+        return _unique_known(
+            "attack", value, known_attacks(), "; or adaptive:<name>, <name> trained with noise"
+        )
 
     @field_validator("defenses")
     @classmethod
@@ -162,7 +235,70 @@ class BenchConfig(BaseModel):
                 get_defense(name, **options)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"[defense_options.{name}] {err}") from None
+        try:
+            noise = self.noise()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"[attacker_noise] {err}") from None
+        if not noise.is_default and not any(noise_trained(a) for a in self.attacks):
+            raise ValueError(
+                "[attacker_noise] applies to noise-trained attacks (adaptive, "
+                "adaptive:<name>) and this config has none"
+            )
+        self._check_variants()
         return self
+
+    def _check_variants(self) -> None:
+        """Each variant merged over the top level and checked whole, as a config of its own."""
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[variants] names repeat: {names}")
+        with_x = [v.name for v in self.variants if v.x is not None]
+        if with_x and len(with_x) != len(names):
+            raise ValueError(
+                f"[variants] x: give every variant an x or none (only {', '.join(with_x)} has one)"
+            )
+        if self.x_label is not None and not with_x:
+            raise ValueError("x_label names the x axis of variants with an x, and none has one")
+        for v in self.variants:
+            try:
+                self._flat[v.name] = BenchConfig.model_validate(self._merged(v))
+            except ValidationError as err:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+                raise ValueError(f"[variants.{v.name}] {problems}") from None
+
+    def _merged(self, v: Variant) -> dict[str, Any]:
+        data = self.model_dump(exclude={"variants", "x_label"})
+        for section in SECTIONS:
+            data[section] = {**data[section], **getattr(v, section)}
+        options = dict(data["defense_options"])
+        for name, values in v.defense_options.items():
+            options[name] = {**options.get(name, {}), **values}
+        data["defense_options"] = options
+        if v.validation_share is not None:
+            data["validation_share"] = v.validation_share
+        return data
+
+    def variant_config(self, name: str | None) -> BenchConfig:
+        """The config a variant's cells run with (the top level itself for ``None``)."""
+        if name is None:
+            return self
+        if name not in self._flat:
+            raise KeyError(f"{self.name!r} has no variant {name!r}")
+        return self._flat[name]
+
+    def dump(self) -> dict[str, Any]:
+        """The config as data (what a results file records); the fields added with variants
+        only when set, so a config without them dumps as before."""
+        data = self.model_dump()
+        data["variants"] = [v.model_dump(exclude_defaults=True) for v in self.variants]
+        for key, default in NEW_FIELDS.items():
+            if data[key] == default:
+                del data[key]
+        return data
+
+    def noise(self) -> AttackerNoise:
+        """The noise-trained attackers' strength (the catalog's by default)."""
+        return AttackerNoise.from_dict(self.attacker_noise)
 
     def seeds_of(self, seed: int) -> ChainSeeds:
         return chain_seeds(self.split, seed, self.vary_badnet)
@@ -202,13 +338,36 @@ class BenchConfig(BaseModel):
             if options.get("oracle_target") is not None
         ]
 
+    def variant_names(self) -> list[str | None]:
+        """The variants' names in order, or ``[None]`` for a config without variants."""
+        return [v.name for v in self.variants] or [None]
+
     def cells(self) -> list[CellKey]:
-        """The plan, grouped so each (attack, seed)'s BadNet and deployment are made once."""
-        return [CellKey(a, d, s) for a in self.attacks for s in self.seeds for d in self.defenses]
+        """The plan, grouped so each (attack, seed)'s BadNet and deployment are made once
+        (variants that share them follow each other)."""
+        return [
+            CellKey(a, d, s, v)
+            for a in self.attacks
+            for s in self.seeds
+            for v in self.variant_names()
+            for d in self.defenses
+        ]
+
+    def attacker_settings(self, attack: str) -> dict[str, Any]:
+        """What, besides the recipe and the split, decides the attacker's BadNet: the noise
+        strength of a noise-trained attack, when not the catalog's (else nothing, so the
+        settings of configs that never set it are unchanged)."""
+        noise = self.noise()
+        if noise_trained(attack) and not noise.is_default:
+            return {"attacker_noise": noise.to_dict()}
+        return {}
 
     def cell_settings(self, key: CellKey) -> dict[str, Any]:
         """Everything that decides a cell's figures besides the code: its hash decides whether
-        a finished cell may be reused."""
+        a finished cell may be reused. A variant's cell has its variant's settings; the
+        variant's name and ``x`` are labels, not settings."""
+        if key.variant is not None:
+            return self.variant_config(key.variant).cell_settings(key.without_variant())
         seeds = self.seeds_of(key.seed)
         recipe = self.recipe(seeds.badnet)
         settings: dict[str, Any] = {
@@ -226,15 +385,21 @@ class BenchConfig(BaseModel):
             settings["repair"] = self.repair_config(seeds.chain).to_dict()
         if key.defense not in BUILTIN_DEFENSES:
             settings["options"] = self.defense_options.get(key.defense, {})
+        settings |= self.attacker_settings(key.attack)
+        if key.defense != BADNET and self.validation_share != 1.0:
+            settings["validation_share"] = self.validation_share
         return settings
 
 
-def _unique_known(kind: str, value: list[str], known: list[str]) -> list[str]:
+def _unique_known(kind: str, value: list[str], known: list[str], also: str = "") -> list[str]:
     if len(set(value)) != len(value):
         raise ValueError(f"{kind}s repeat: {value}")
     unknown = [v for v in value if v not in known]
     if unknown:
-        raise ValueError(f"unknown {kind}(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        listed = [k for k in known if ":" not in k]
+        raise ValueError(
+            f"unknown {kind}(s) {', '.join(unknown)}; known: {', '.join(listed)}{also}"
+        )
     return value
 
 

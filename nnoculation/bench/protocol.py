@@ -21,17 +21,23 @@ subset, initialisation and training order (``TrainConfig.seed`` of the recipe; t
 reference model, hence the floor, is trained with the same seed). Without ``vary_badnet``
 every seed shares the split's first BadNet. The triggered test images stay fixed
 (``nnoculation.metrics.EVAL_SEED``): they are the measurement, not the chain.
+
+A smaller validation set (Table 9) is a share of the defender's parts of the same split
+(:func:`defender_splits`), not another split: the attacker's set, the stream and test pools,
+hence the BadNet and the floor, stay the same, and the shares are nested (25 % is part of
+50 %, which is part of 75 %).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
+from nnoculation.data.imageset import ImageSet
 from nnoculation.data.sources import DataSource
-from nnoculation.data.splits import SplitConfig
+from nnoculation.data.splits import SplitConfig, Splits
 
 Split = Literal["tuning", "report"]
 SPLITS: tuple[Split, ...] = ("tuning", "report")
@@ -71,3 +77,34 @@ def split_source(source: DataSource, split: Split) -> DataSource:
     g = torch.Generator().manual_seed(SPLIT_SEEDS["tuning"])
     order = torch.randperm(len(train), generator=g)
     return DataSource(source.name, train.subset(order[n_test:]), train.subset(order[:n_test]))
+
+
+def _share_index(part: ImageSet, share: float) -> torch.Tensor:
+    """Positions of the first ``share`` of each class of ``part`` (at least one image of each
+    class it holds), in the part's own order: the split already shuffled it, so a share is a
+    seeded draw and a smaller share is part of a larger one."""
+    keep = []
+    for c in range(part.num_classes):
+        members = torch.nonzero(part.labels == c).flatten()
+        if members.numel():
+            keep.append(members[: max(1, round(share * members.numel()))])
+    return torch.cat(keep).sort().values if keep else torch.zeros(0, dtype=torch.int64)
+
+
+def defender_splits(splits: Splits, share: float) -> Splits:
+    """``splits`` with the defender's validation set (``retrain`` and ``holdout``) cut to
+    ``share`` of each class; everything else, the attacker's set and the pools, unchanged."""
+    if not 0 < share <= 1:
+        raise ValueError(f"a validation share lies in (0, 1], got {share}")
+    if share == 1:
+        return splits
+    parts: dict[str, ImageSet] = {}
+    origin = dict(splits.origin)
+    for name in ("retrain", "holdout"):
+        part: ImageSet = getattr(splits, name)
+        idx = _share_index(part, share)
+        parts[name] = part.subset(idx)
+        if name in origin:
+            where, positions = origin[name]
+            origin[name] = (where, positions[idx])
+    return replace(splits, retrain=parts["retrain"], holdout=parts["holdout"], origin=origin)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnoculation.bench.aggregate import Row
 from nnoculation.bench.aggregate import entries as aggregate_entries
 from nnoculation.bench.cells import (
     CellKey,
@@ -67,7 +68,7 @@ def run_bench(
     if not chosen:
         raise ConfigError(
             f"--only-cells {' '.join(only or [])} selects no cell of {cfg.name!r}; cells are "
-            f"attack/defense/seed, e.g. {plan[0].id}"
+            f"{'variant/' if cfg.variants else ''}attack/defense/seed, e.g. {plan[0].id}"
         )
     cells_dir = runs_dir / cfg.name / "cells"
     hashes = {k: settings_hash(cfg.cell_settings(k)) for k in plan}
@@ -109,8 +110,11 @@ def run_bench(
             f"(e.g. {run.missing[0].id}): results not written"
         )
         return run
+    rows = [
+        Row(v.name, v.x, tuple(cfg.variant_config(v.name).oracle_defenses())) for v in cfg.variants
+    ]
     found = aggregate_entries(
-        [done[k] for k in plan], cfg.attacks, cfg.defenses, cfg.seeds, cfg.oracle_defenses()
+        [done[k] for k in plan], cfg.attacks, cfg.defenses, cfg.seeds, cfg.oracle_defenses(), rows
     )
     run.results = write_outputs(cfg, found, command, out_dir)
     echo(f"wrote {run.results} (+ .md, .png)")
