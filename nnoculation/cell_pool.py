@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import tempfile
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from models.nets import Net
 from nnoculation.data.imageset import ImageSet
@@ -58,6 +60,9 @@ _WORKER: dict[str, Any] = {}  # per worker process: the job and its BadNet
 
 
 def _start_worker(job: _Job) -> None:
+    # tqdm's default lock is a multiprocessing semaphore made on first use; a worker that is
+    # terminated mid-cell would leave it to the resource tracker's "leaked semaphore" warning.
+    tqdm.set_lock(threading.RLock())
     torch.set_num_threads(job.threads)
     _WORKER["job"] = job
     _WORKER["badnet"] = Net.load(Path(job.badnet_dir), job.badnet_entry, job.spec, job.num_classes)

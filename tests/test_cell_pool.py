@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -164,3 +167,37 @@ def test_cli_workers_keep_the_pick_and_refuse_batching_beside_them(
     for bad in ("0", "many"):
         assert main(import_argv(tmp_path, workers=bad)) == EXIT_USAGE
         assert "--workers" in capsys.readouterr().err
+
+
+STOPS_EARLY = """
+from models.classifiers import build_classifier
+from models.nets import Net
+from models.spec import InputSpec
+from nnoculation.predeploy import PredeployConfig, run_predeploy
+from tests.conftest import NUM_CLASSES, SIDE, synthetic_set
+
+if __name__ == "__main__":
+    spec = InputSpec(1, SIDE, SIDE, (0.3,), (0.3,))
+    net = Net(build_classifier("small_cnn", spec, NUM_CLASSES, width=4), "zoo", spec,
+              NUM_CLASSES, "small_cnn", {"width": 4})
+    cfg = PredeployConfig(alpha0=1e-3, alpha_multiples=(1.0, 2.0, 3.0, 4.0), gammas=(0.2,),
+                          epochs=5, theta=0.99, workers=2)
+    print(run_predeploy(net, synthetic_set(3000, seed=1), synthetic_set(50, seed=2), cfg)
+          .cells_trained)
+"""
+
+
+def test_a_search_that_stops_early_leaves_nothing_behind(tmp_path: Path) -> None:
+    # theta 0.99: the first cell is the pick, and the other worker is terminated mid-cell (a
+    # cell takes longer than the workers' start-up jitter: both start a cell together)
+    script = tmp_path / "stops_early.py"
+    script.write_text(STOPS_EARLY)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, cwd=root, env=env,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    assert "leaked" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -244,10 +244,30 @@ def _summary(result: PredeployResult) -> dict[str, Any]:
     }
 
 
+def thread_layouts(one: PredeployResult, pooled: PredeployResult) -> dict[str, Any]:
+    """How the whole grid differs when each cell trains on one thread in a worker instead of on
+    every thread of one process: the picks, the cells whose eligibility flips, the largest
+    hold-out CA difference (points)."""
+    bar = one.baseline_ca - one.config.theta
+    by_key = {(c.alpha, c.gamma): c for c in pooled.cells}
+    flips = [
+        [c.alpha, c.gamma]
+        for c in one.cells
+        if (c.holdout_ca >= bar) != (by_key[(c.alpha, c.gamma)].holdout_ca >= bar)
+    ]
+    diffs = [abs(c.holdout_ca - by_key[(c.alpha, c.gamma)].holdout_ca) for c in one.cells]
+    return {
+        "same_pick": _pick(one) == _pick(pooled),
+        "eligibility_flips": flips,
+        "max_holdout_ca_diff": pct1(max(diffs, default=0.0)),
+    }
+
+
 def run_entry(
     name: str, subject: Subject, splits: Splits, args: argparse.Namespace, code: str
 ) -> dict[str, Any]:
-    """Old search, new search, whole grid (in that order, one after the other); ``code`` is
+    """Old search, new search, the whole grid trained as the new search trains its cells and
+    (when that differs) as the old one does, in that order, one after the other; ``code`` is
     the commit the running code was loaded from."""
     grid = {
         "alpha0": subject.alpha0,
@@ -265,11 +285,20 @@ def run_entry(
         workers=args.workers,
     )
     new = run_predeploy(badnet, splits.retrain, splits.holdout, new_cfg)
+    # Each search against the whole grid trained the same way: a cell's weights depend on the
+    # threads it was trained on, and a cell near the bar may end on either side of it.
     full = run_predeploy(
         badnet,
         splits.retrain,
         splits.holdout,
-        PredeployConfig(**grid, full_grid=True, track_epochs=True),
+        PredeployConfig(**grid, full_grid=True, track_epochs=True, workers=new_cfg.workers),
+    )
+    full_one = (
+        full
+        if new_cfg.workers == 1
+        else run_predeploy(
+            badnet, splits.retrain, splits.holdout, PredeployConfig(**grid, full_grid=True)
+        )
     )
     entry: dict[str, Any] = {
         "name": name,
@@ -286,7 +315,9 @@ def run_entry(
         "old": _summary(old),
         "new": _summary(new),
         "full_grid": _summary(full),
-        "same_pick": _pick(old) == _pick(full) and _pick(new) == _pick(full),
+        "full_grid_one_process": _summary(full_one),
+        "same_pick": _pick(old) == _pick(full_one) and _pick(new) == _pick(full),
+        "thread_layouts": thread_layouts(full_one, full),
         "speedup": round(old.seconds / new.seconds, 2) if new.seconds > 0 else None,
         "false_stops": [
             false_stops(full.cells, full.baseline_ca, full.config.theta, m) for m in MARGINS
@@ -512,6 +543,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
     rows = []
     for e in entries:
         old, new, full = e["old"], e["new"], e["full_grid"]
+        one = e.get("full_grid_one_process", full)
+        layouts = e.get("thread_layouts", {})
         good = e.get("goodnet") or {}
         rows.append(
             [
@@ -521,15 +554,19 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{new['seconds']:.0f} ({new['cells_trained']}, {new['cells_pruned']} pruned)",
                 f"{e['speedup']:.2f}x" if e["speedup"] else "-",
                 _pick_text(old["pick"]),
+                _pick_text(one["pick"]),
                 _pick_text(new["pick"]),
                 _pick_text(full["pick"]),
                 "yes" if e["same_pick"] else "**no**",
+                f"{len(layouts.get('eligibility_flips', []))}, "
+                f"{fmt(layouts.get('max_holdout_ca_diff'))}",
                 fmt(good.get("ca")),
                 fmt(good.get("asr")),
             ]
         )
-    header = ["BadNet", "format", "old s (cells)", "new s (cells)", "speed-up", "old pick",
-              "new pick", "whole grid", "same_pick", "GoodNet CA %", "GoodNet ASR %"]  # fmt: skip
+    header = ["BadNet", "format", "old s (cells)", "new s (cells)", "speed-up",
+              "old pick", "its whole grid", "new pick", "its whole grid", "same_pick",
+              "threads: flips, max CA diff", "GoodNet CA %", "GoodNet ASR %"]  # fmt: skip
     stops = []
     for e in entries:
         for fs in e["false_stops"]:
@@ -544,18 +581,23 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                     _pick_text(fs["pick"]),
                 ]
             )
-    mode = entries[0]["new"]["mode"] if entries else "-"
+    mode = f"`{entries[0]['new']['mode']}`" if entries else "-"
     workers = entries[0]["new"].get("workers", 1) if entries else 1
     if workers > 1:
-        mode += f"`, cells in {workers} single-thread worker processes (`--workers {workers}"
+        mode += f" with cells in {workers} single-thread worker processes (`--workers {workers}`)"
     return "\n".join(
         [
             "# Pre-deployment search speed",
             "",
-            f"Old: one cell at a time in search order, stopping at the first eligible cell "
-            f"(`--exact`). New: `{mode}`. Whole grid: every cell (`--full-grid`). Seconds of "
-            "the search itself on this machine, run one after the other in the same process; "
-            "picks are alpha / gamma.",
+            f"Old: one cell at a time in search order on every thread, stopping at the first "
+            f"eligible cell (`--exact --workers 1`). New: {mode}. Each search is compared "
+            "with the whole grid (`--full-grid`) trained the way it trains its cells; "
+            "`same_pick`: both searches pick their whole grid's cell. `threads`: how many cells "
+            "of the whole grid change sides of the eligibility bar, and the largest hold-out CA "
+            "difference (points), between training each cell on every thread of one process and "
+            "on one thread in a worker (float rounding differs; at a large learning rate it "
+            "grows over the epochs). Seconds of the search itself on this machine, run one "
+            "after the other; picks are alpha / gamma.",
             "",
             markdown_table(header, rows),
             "",
