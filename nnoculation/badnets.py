@@ -161,13 +161,29 @@ def make_badnet(
     clean reference model and write ``out_dir/badnet`` (a bundle), ``attack.json`` and
     ``metrics.json``."""
     splits = splits or load_splits(recipe)
+    attack = get_attack(attack_name, splits.attacker.num_classes, splits.attacker.shape)
+    return make_spec_badnet(attack, recipe, out_dir, cache_dir, splits, progress)
+
+
+def make_spec_badnet(
+    attack: AttackSpec,
+    recipe: Recipe,
+    out_dir: Path,
+    cache_dir: Path = DEFAULT_CACHE,
+    splits: Splits | None = None,
+    progress: bool = True,
+) -> BadNetReport:
+    """:func:`make_badnet` for an attack spec rather than a catalog name (a noise-trained
+    variant of a catalog attack, say): the same steps and files. The clean reference model is
+    cached in ``cache_dir`` by recipe and noise policy, so a caller whose spec differs from
+    the catalog's in a way that key does not see gives it a folder of its own."""
+    splits = splits or load_splits(recipe)
     train_set = splits.attacker
-    attack = get_attack(attack_name, train_set.num_classes, train_set.shape)
     recipe = attack_recipe(recipe, attack)
     poisoned = attack.poison_training_set(train_set, seed=recipe.train.seed)
     net = new_net(recipe, input_spec_for(splits), train_set.num_classes)
     start = time.perf_counter()
-    train(net, poisoned, recipe.train, desc=f"BadNet {attack_name}", progress=progress)
+    train(net, poisoned, recipe.train, desc=f"BadNet {attack.name}", progress=progress)
     seconds = time.perf_counter() - start
     clean, clean_seconds = reference_model(recipe, splits, cache_dir, attack, progress)
     report = BadNetReport(
@@ -181,7 +197,7 @@ def make_badnet(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bundle_dir(
         out_dir / BADNET_ROLE,
-        name=f"badnet-{attack_name}",
+        name=f"badnet-{attack.name.replace(':', '+')}",
         nets={BADNET_ROLE: net},
         class_names=train_set.class_names,
         metrics=report.to_dict(),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,19 +31,14 @@ from models.bundle import Bundle, load_bundle
 from nnoculation.attacks import AttackSpec, attack_from_dict
 from nnoculation.badnets import (
     BADNET_ROLE,
-    BadNetReport,
-    attack_recipe,
-    input_spec_for,
     make_badnet,
-    new_net,
-    reference_model,
+    make_spec_badnet,
 )
 from nnoculation.bench.attacker import attack_spec, base_name, fs_name
 from nnoculation.bench.cells import CellKey, Measured, is_clean, settings_hash
 from nnoculation.bench.config import BADNET, POST, PRE, BenchConfig
 from nnoculation.bench.protocol import defender_splits, split_source
 from nnoculation.benchmarks.common import pct1
-from nnoculation.bundle_io import write_bundle_dir
 from nnoculation.data.imageset import ImageSet
 from nnoculation.data.sources import load_dataset
 from nnoculation.data.splits import SplitConfig, Splits, make_splits
@@ -55,7 +49,6 @@ from nnoculation.pipeline import DEPLOYMENT_DIR, predeploy_to_dir
 from nnoculation.recipes import Recipe
 from nnoculation.repair.engine import repair
 from nnoculation.stream import simulate_stream
-from nnoculation.training import train
 
 STAMP = "stamp.json"
 
@@ -142,7 +135,7 @@ class Chain:
         if noise:
             cache = cache / f"noise-{settings_hash(noise)[:8]}"
         spec = attack_spec(attack, splits.attacker.num_classes, splits.attacker.shape, cfg.noise())
-        make_spec_badnet(spec, recipe, out, cache, splits)
+        make_spec_badnet(spec, recipe, out, cache, splits, progress=False)
 
     @staticmethod
     def _badnet_settings(cfg: BenchConfig, attack: str, badnet_seed: int) -> dict[str, Any]:
@@ -284,40 +277,3 @@ class Chain:
         make(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / STAMP).write_text(json.dumps(stamp))
-
-
-def make_spec_badnet(
-    spec: AttackSpec, recipe: Recipe, out_dir: Path, cache_dir: Path, splits: Splits
-) -> BadNetReport:
-    """:func:`nnoculation.badnets.make_badnet` for a spec rather than a catalog name (the
-    same steps and files): poison, train, measure against the clean reference model trained
-    the same way (cached in ``cache_dir`` by recipe and noise policy, so the caller gives a
-    non-default strength a folder of its own), write ``out_dir/badnet``."""
-    train_set = splits.attacker
-    recipe = attack_recipe(recipe, spec)
-    poisoned = spec.poison_training_set(train_set, seed=recipe.train.seed)
-    net = new_net(recipe, input_spec_for(splits), train_set.num_classes)
-    start = time.perf_counter()
-    train(net, poisoned, recipe.train, desc=f"BadNet {spec.name}", progress=False)
-    seconds = time.perf_counter() - start
-    clean, clean_seconds = reference_model(recipe, splits, cache_dir, spec, progress=False)
-    report = BadNetReport(
-        attack=spec,
-        recipe=recipe,
-        badnet=evaluate(net, splits.test, spec),
-        clean=evaluate(clean, splits.test, spec),
-        train_seconds=seconds,
-        clean_train_seconds=clean_seconds,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_bundle_dir(
-        out_dir / BADNET_ROLE,
-        name=f"badnet-{fs_name(spec.name)}",
-        nets={BADNET_ROLE: net},
-        class_names=train_set.class_names,
-        metrics=report.to_dict(),
-        provenance={"recipe": recipe.to_dict(), "attack": spec.to_dict(), "train_seconds": seconds},
-    )
-    (out_dir / "attack.json").write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return report
