@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive results-table5-fsa \
 	results clean
 
 setup: $(STAMP)
@@ -106,6 +106,9 @@ results-table5-varloc: setup data
 
 results-table5-adaptive: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-adaptive.toml --out docs/results
+
+results-table5-fsa: setup data
+	$(VENV)/bin/nnoculation bench configs/table5-fsa.toml --out docs/results
 
 results-table5-patch: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results
