@@ -381,8 +381,8 @@ class Identity:
         return Defended(self.name, inputs.badnet, 0.0, {"seed": inputs.seed})
 
 
-def test_end_to_end_on_tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(base._REGISTRY, Identity.name, Identity)
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A tiny ``.npz`` data set with a test split of its own, for end-to-end bench runs."""
     train, test = synthetic_set(600, seed=31), synthetic_set(240, seed=32)
     data = tmp_path / "tiny.npz"
     np.savez(
@@ -392,6 +392,12 @@ def test_end_to_end_on_tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         test_images=test.images.permute(0, 2, 3, 1).numpy(),
         test_labels=test.labels.numpy(),
     )
+    return data
+
+
+def test_end_to_end_on_tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(base._REGISTRY, Identity.name, Identity)
+    data = tiny_dataset(tmp_path)
     path = tmp_path / "tiny.toml"
     path.write_text(
         f"""

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,7 +26,7 @@ from nnoculation.bench.protocol import defender_splits
 from nnoculation.cli import EXIT_USAGE, main
 from nnoculation.data.splits import Splits
 from tests.conftest import synthetic_set
-from tests.test_bench import BASE, COMMIT_A, COMMIT_B, FakeChain, bench, config
+from tests.test_bench import BASE, COMMIT_A, COMMIT_B, FakeChain, bench, config, tiny_dataset
 
 VARIANTS: list[dict[str, Any]] = [
     {"name": "proposed", "x": 0.2},
@@ -368,15 +367,7 @@ def test_the_schema_of_a_variant_file_refuses_mixed_commits_and_missing_keys(
 def tiny_config(
     tmp_path: Path, variants: str, attacks: str = '["patch"]', defenses: str = ""
 ) -> Path:
-    train, test = synthetic_set(600, seed=31), synthetic_set(240, seed=32)
-    data = tmp_path / "tiny.npz"
-    np.savez(
-        data,
-        images=train.images.permute(0, 2, 3, 1).numpy(),
-        labels=train.labels.numpy(),
-        test_images=test.images.permute(0, 2, 3, 1).numpy(),
-        test_labels=test.labels.numpy(),
-    )
+    data = tiny_dataset(tmp_path)
     path = tmp_path / "tiny.toml"
     path.write_text(
         f"""
