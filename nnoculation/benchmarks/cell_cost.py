@@ -10,6 +10,11 @@ and the zoo's small CNN) under each idea, in one process, one after the other:
 * ``fused_adam``: the same with torch's fused CPU Adam (``fused=True``; not bit-identical to the
   default implementation, so a different pick is possible: measured here, not shipped);
 * ``one_thread``: one intra-op thread instead of two;
+* ``channels_last``: the retrained copy's weights in channels-last memory format (so its
+  convolutions run channels-last);
+* ``compiled``: the retrained copy wrapped in ``torch.compile`` (inductor, the default mode);
+  the first cell pays the compilation (``compile_s``), the median is of the cells after it,
+  which reuse the compiled graph;
 * ``two_processes``: two cells at once in two processes of one thread each (seconds per cell
   = wall seconds / 2): what a process pool over cells would give on 2 cores;
 * ``batched_k``: ``k`` cells as one ``torch.func`` batched model (seconds per cell = wall / k;
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 
+from models.nets import Net
 from nnoculation import training
 from nnoculation.badnets import load_splits
 from nnoculation.batched import CellJob, batch_refusal, train_batched
@@ -69,6 +75,32 @@ def fused_adam() -> Iterator[None]:
         yield
     finally:
         training.make_optimizer = plain
+
+
+@contextmanager
+def cloned_as(transform: Callable[[torch.nn.Module], torch.nn.Module]) -> Iterator[None]:
+    """Within the block, :meth:`models.nets.Net.clone` (the copy every cell retrains) gives a
+    net whose module is ``transform(module)``."""
+    plain = Net.clone
+
+    def clone(self: Net) -> Net:
+        copy = plain(self)
+        copy.module = transform(copy.module)
+        return copy
+
+    Net.clone = clone  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Net.clone = plain  # type: ignore[method-assign]
+
+
+def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    return module.to(memory_format=torch.channels_last)
+
+
+def _compiled(module: torch.nn.Module) -> torch.nn.Module:
+    return torch.compile(module)  # type: ignore[return-value]
 
 
 def _timed(run: Callable[[], object]) -> float:
@@ -134,6 +166,14 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     out["two_processes"] = {"per_cell_s": _two_processes(name)}
+    with cloned_as(_channels_last):
+        out["channels_last"] = _median(cell, repeats)
+    try:
+        with cloned_as(_compiled):
+            compile_s = _timed(cell)  # the first cell compiles; later ones reuse the graph
+            out["compiled"] = {**_median(cell, repeats), "compile_s": round(compile_s, 1)}
+    except Exception as err:  # a net torch.compile cannot take is a result, not a crash
+        out["compiled"] = {"refused": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     trained = cell()
     out["evaluate"] = _median(lambda: clean_accuracy(trained, splits.holdout), repeats)  # type: ignore[arg-type]
     refusal = batch_refusal(net)
@@ -154,16 +194,26 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+def compile_note(entries: list[dict[str, Any]]) -> str:
+    """The compilation seconds of each net, or why torch.compile refused it."""
+    parts = []
+    for e in entries:
+        got = e["cost"].get("compiled", {})
+        what = f"{got['compile_s']:g} s" if "compile_s" in got else got.get("refused", "-")
+        parts.append(f"{e['name']} {what}")
+    return "; ".join(parts)
+
+
 def markdown(entries: list[dict[str, Any]]) -> str:
-    variants = ["baseline", "fused_adam", "one_thread", "two_processes",
-                *(f"batched_{k}" for k in BATCH_SIZES)]  # fmt: skip
+    variants = ["baseline", "fused_adam", "one_thread", "two_processes", "channels_last",
+                "compiled", *(f"batched_{k}" for k in BATCH_SIZES)]  # fmt: skip
     rows = []
     for e in entries:
         cells = [e["name"]]
         for v in variants:
             got = e["cost"].get(v)
-            if got is None:
-                cells.append("-")
+            if got is None or "refused" in got:
+                cells.append("refused" if got else "-")
                 continue
             s = got.get("median_s", got.get("per_cell_s"))
             cells.append(f"{s:.2f} s ({e['cost']['speedup_vs_baseline'][v]:.2f}x)")
@@ -177,8 +227,9 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             "epochs, 500 steps of batch 64), the median of "
             f"{REPEATS} runs where a median is given, and the speed-up over the baseline. "
             "`two_processes`: two one-thread cells at once, wall / 2. `batched_k`: k cells as "
-            "one `torch.func` model, wall / k (TorchScript is refused). `evaluate`: the "
-            "hold-out CA after a cell.",
+            "one `torch.func` model, wall / k (TorchScript is refused). `compiled`: "
+            "`torch.compile`, cells after the first (the first pays the compilation: "
+            f"{compile_note(entries)}). `evaluate`: the hold-out CA after a cell.",
             "",
             markdown_table(["BadNet", *variants, "evaluate"], rows),
         ]
