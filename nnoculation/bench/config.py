@@ -67,7 +67,6 @@ PREDEPLOY_FROM_RECIPE = {"alpha0", "optimizer"}
 # the two scalars below. The attacker's side is ``train``, ``splits`` (the attacker's set and
 # the test pool the floor is measured on) and ``attacker_noise``; the rest is the defender's.
 SECTIONS = ("train", "splits", "predeploy", "stream", "repair", "attacker_noise")
-VARIANT_KEYS = ("name", "x", "validation_share", *SECTIONS, "defense_options")
 # Fields added with variants: left out of a config's dump while at their defaults, so the
 # results of a config without them read as they did before.
 NEW_FIELDS: dict[str, Any] = {
@@ -114,14 +113,12 @@ def _tuples(values: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
-class Variant(BaseModel):
-    """A named override set: the top level's sections with these keys merged over them."""
+class Sections(BaseModel):
+    """The override sections: what a config sets over the library's defaults, and what a
+    variant sets over its config's (merged key by key)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
-    x: float | None = None  # the variant's place on the plot's x axis (e.g. a poison ratio)
-    validation_share: float | None = Field(default=None, gt=0, le=1)
     train: dict[str, Any] = Field(default_factory=dict)
     splits: dict[str, Any] = Field(default_factory=dict)
     predeploy: dict[str, Any] = Field(default_factory=dict)
@@ -129,6 +126,15 @@ class Variant(BaseModel):
     repair: dict[str, Any] = Field(default_factory=dict)
     attacker_noise: dict[str, Any] = Field(default_factory=dict)
     defense_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class Variant(Sections):
+    """A named override set: the top level's sections with these keys merged over them."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    x: float | None = None  # the variant's place on the plot's x axis (e.g. a poison ratio)
+    # None: the config's share (a config's own default is the whole set, 1.0)
+    validation_share: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -150,10 +156,11 @@ class Variant(BaseModel):
         return value
 
 
-class BenchConfig(BaseModel):
-    """One bench matrix; see the module doc and ``docs/bench.md``."""
+VARIANT_KEYS = tuple(Variant.model_fields)  # named in the message for an unknown key
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class BenchConfig(Sections):
+    """One bench matrix; see the module doc and ``docs/bench.md``."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     dataset: str
@@ -162,14 +169,7 @@ class BenchConfig(BaseModel):
     seeds: list[int] = Field(min_length=1)
     split: Split
     vary_badnet: bool = True
-    train: dict[str, Any] = Field(default_factory=dict)
-    splits: dict[str, Any] = Field(default_factory=dict)
-    predeploy: dict[str, Any] = Field(default_factory=dict)
-    stream: dict[str, Any] = Field(default_factory=dict)
-    repair: dict[str, Any] = Field(default_factory=dict)
-    defense_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     validation_share: float = Field(default=1.0, gt=0, le=1)
-    attacker_noise: dict[str, Any] = Field(default_factory=dict)
     x_label: str | None = None
     variants: list[Variant] = Field(default_factory=list)
     _flat: dict[str, BenchConfig] = PrivateAttr(default_factory=dict)
