@@ -20,7 +20,6 @@ from nnoculation.benchmarks.processes import (
     Child,
     free_port,
     nnoculation,
-    wait_until,
 )
 from nnoculation.data.imageset import ImageSet
 from nnoculation.inputs import encode_png
@@ -175,12 +174,7 @@ class ApiServer(Child):
         )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        def ready() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"API exited:\n{self.output()[-3000:]}")
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-
-        wait_until(ready, timeout_s, "the API to be ready")
+        self.wait_http(f"{self.url}/readyz", timeout_s, "the API to be ready")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10, **kwargs)

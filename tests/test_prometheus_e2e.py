@@ -86,12 +86,7 @@ class Prometheus(Child):
         )  # fmt: skip
 
     def wait_ready(self) -> None:
-        def ready() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"prometheus exited:\n{self.output()[-3000:]}")
-            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-
-        wait_until(ready, 20, "prometheus to be ready")
+        self.wait_http(f"{self.url}/-/ready", 20, "prometheus to be ready")
 
     def api(self, path: str, **params: str) -> Any:
         body = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=5).json()

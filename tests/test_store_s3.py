@@ -74,14 +74,8 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     child = Child([str(server), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if not child.alive():
-            raise RuntimeError(f"moto_server exited:\n{child.output()[-2000:]}")
-        return httpx.get(f"{url}/moto-api/", timeout=2).status_code == 200
-
     try:
-        wait_until(up, 30, "moto_server to answer")
+        child.wait_http(f"{url}/moto-api/", 30, "moto_server to answer")
         yield url
     finally:
         child.stop()

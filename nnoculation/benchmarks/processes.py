@@ -145,6 +145,17 @@ class Child:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def wait_http(self, url: str, timeout_s: float, what: str) -> None:
+        """Poll ``url`` until it answers 200; raise at once, with the end of the log, if this
+        process exits first (``what`` names what is awaited, for the messages)."""
+
+        def up() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"exited while waiting for {what}:\n{self.output()[-3000:]}")
+            return httpx.get(url, timeout=2).status_code == 200
+
+        wait_until(up, timeout_s, what)
+
 
 def nnoculation(*args: str) -> list[str]:
     return [sys.executable, "-m", "nnoculation.cli", *args]
@@ -158,13 +169,7 @@ def api_server(env: dict[str, str], log: Path, workers: int) -> Iterator[str]:
                               "--log-level", "warning"), env, log)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            if not child.alive():
-                raise RuntimeError(f"the API exited; see {log}")
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-
-        wait_until(ready, 120, "the API to be ready")
+        child.wait_http(f"{url}/readyz", 120, "the API to be ready")
         yield url
     finally:
         child.stop()
