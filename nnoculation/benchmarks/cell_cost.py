@@ -42,7 +42,7 @@ from models.nets import Net
 from nnoculation import training
 from nnoculation.badnets import load_splits
 from nnoculation.batched import CellJob, batch_refusal, train_batched
-from nnoculation.benchmarks.common import RUNS_DIR, commit, machine, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, commit, provenance, write_results
 from nnoculation.benchmarks.predeploy_speed import STEM as SPEED_STEM
 from nnoculation.benchmarks.predeploy_speed import Subject, subjects
 from nnoculation.data.splits import Splits
@@ -247,9 +247,7 @@ def main() -> None:
     for name in NETS:
         print(f"{name} ...", flush=True)
         cost = measure(name, args.repeats)
-        entries.append({"name": name, "commit": code, "torch": torch.__version__,
-                        "device": "cpu", "cpu": machine()["cpu"],
-                        "threads": torch.get_num_threads(), "cost": cost})  # fmt: skip
+        entries.append({"name": name, **provenance(code, "cpu", date=False), "cost": cost})
         print(entries[-1], flush=True)
     write_results(Path(args.out), STEM, entries, markdown(entries), COMMAND)
 

@@ -14,14 +14,42 @@ import torch
 RUNS_DIR = Path("runs/bench")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC ...``, ``Intel(R) Xeon(R) ...``) where Linux tells it,
+    else the architecture: timings from two machines of one architecture can differ 2x, so a
+    timing names the model it was taken on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def provenance(code: str, device: str, date: bool = True) -> dict[str, Any]:
+    """What every entry of a result file names: the code commit, torch, the device, the CPU
+    and its threads (and, with ``date``, when it was made)."""
+    out: dict[str, Any] = {
+        "commit": code,
+        "torch": torch.__version__,
+        "device": device,
+        "cpu": machine()["cpu"],
+        "threads": torch.get_num_threads(),
+    }
+    if date:
+        out["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return out
 
 
 def commit() -> str:

@@ -29,7 +29,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from models.bundle import load_bundle
 from models.nets import Net
 from nnoculation.attacks import AttackSpec
 from nnoculation.badnets import current_badnet, load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, commit, machine, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, commit, provenance, write_results
 from nnoculation.data.imageset import ImageSet
 from nnoculation.data.splits import Splits
 from nnoculation.defenses.base import Defended, Defense, DefenseInputs
@@ -369,14 +368,7 @@ def main() -> None:
         defenses = baselines(attack)
         offline = offline_stages(badnet, splits, predeploy, defenses, Path(work), args.seed)
         figures = measure(offline, badnet, splits.test, predeploy, defenses, settings)
-    common = {
-        "commit": code,
-        "torch": torch.__version__,
-        "device": str(badnet.device),
-        "cpu": machine()["cpu"],
-        "threads": torch.get_num_threads(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    common = provenance(code, str(badnet.device))
     extra = {**figures, **common, "badnet": about}
     write_results(
         Path(args.out),

@@ -27,7 +27,6 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from nnoculation.badnets import (
     load_splits,
     new_net,
 )
-from nnoculation.benchmarks.common import RUNS_DIR, commit, machine, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, commit, pct1, provenance, write_results
 from nnoculation.data.splits import Splits
 from nnoculation.defenses.base import DefenseInputs
 from nnoculation.defenses.strip import DEFAULT_FRR, DEFAULT_SUPERIMPOSITIONS, Strip
@@ -227,15 +226,7 @@ def main() -> None:
     kinds = ["clean"] * len(test) + ["triggered"] * len(trig.images)
     wanted = torch.cat([test.labels, trig.targets])
     predictions = badnet.predict(images)
-    date = datetime.now(UTC).isoformat(timespec="seconds")
-    common = {
-        "commit": code,
-        "torch": torch.__version__,
-        "device": str(badnet.device),
-        "cpu": machine()["cpu"],
-        "threads": torch.get_num_threads(),
-        "date": date,
-    }
+    common = provenance(code, str(badnet.device))
 
     defense = Strip(n=args.n, frr=args.rate)
     inputs = DefenseInputs(badnet, splits.retrain, holdout, seed=args.seed)
