@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive results-table5-fsa results-table5-tca results-table5-mtsta results-table5-mtmta results-table5-all-to-all results-table5-blended \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive results-table5-fsa results-table5-tca results-table5-mtsta results-table5-mtmta results-table5-all-to-all results-table5-blended results-averaging \
 	results clean
 
 setup: $(STAMP)
@@ -124,6 +124,9 @@ results-table5-all-to-all: setup data
 
 results-table5-blended: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-blended.toml --out docs/results
+
+results-averaging: setup data
+	$(VENV)/bin/nnoculation bench configs/averaging.toml --out docs/results
 
 results-table5-patch: setup data
 	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results
