@@ -487,6 +487,7 @@ def _repair_config(args: argparse.Namespace) -> RepairConfig:
             distill_weight=args.distill_weight,
             distill_temperature=args.distill_temperature,
             distill_min_trigger_effect=args.distill_min_trigger_effect,
+            max_relapse=args.max_relapse,
         )
     except ValueError as err:  # RepairConfigError, or PurifyConfig's check
         raise UsageError(str(err)) from None
@@ -889,6 +890,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="distil only when the BadNet errs on this much more of the treatment images than "
         "of clean ones (a trigger model that misses the trigger would let distillation "
         "carry the backdoor over)",
+    )
+    p.add_argument(
+        "--max-relapse",
+        type=_share,
+        default=RepairConfig.max_relapse,
+        help="the gate refuses a repaired GoodNet that gives the BadNet's suspect label to more "
+        "than this share of the purified quarantine beyond before the repair (1: never)",
     )
     p.add_argument(
         "--purify-min-share",

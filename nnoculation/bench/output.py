@@ -108,6 +108,8 @@ def _note(details: dict[str, Any]) -> str:
         parts.append(
             "gate passed" if details["passed_gate"] else f"gate failed: {details['reason']}"
         )
+    if details.get("relapse") is not None:
+        parts.append(f"relapse {details['relapse']:+.1f} points")
     return "; ".join(parts)
 
 

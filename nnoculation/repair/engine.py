@@ -10,9 +10,11 @@ config) to repaired nets ready to publish, or a refusal with its reason.
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation; on the clean images the
    GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
-   deployment's baseline (the original BadNet's hold-out CA); repaired nets it refuses are
-   never activated: :func:`repair_in_store` keeps them as a *rejected candidate* version, the
-   evidence a user can evaluate (:mod:`models.store_base`).
+   deployment's baseline (the original BadNet's hold-out CA), and the repaired GoodNet must not
+   give the quarantined inputs the BadNet's suspect answers much more often than before (its
+   *relapse*, at most ``max_relapse``); repaired nets it refuses are never activated:
+   :func:`repair_in_store` keeps them as a *rejected candidate* version, the evidence a user
+   can evaluate (:mod:`models.store_base`).
 
 Why the GoodNet distils the BadNet on clean images. The GoodNet was retrained at a high
 learning rate on the small validation set, so it answers clean inputs worse than the BadNet
@@ -28,6 +30,18 @@ what the soft answers carry of the backdoor, and the GoodNet would drift towards
 mean-difference model on the variable-location patch, which fires the BadNet on no more
 treatment images than clean ones, took the ensemble from 35.9 % to 71.8 % ASR with
 distillation in a benchmark run before this check existed).
+
+Why the gate checks the relapse. Hold-out CA says nothing about the backdoor: a trigger model
+that learned no trigger gives an untriggered "treatment", fine-tuning on it teaches nothing
+against the backdoor, and distilling the BadNet pulls the GoodNet towards the BadNet's answers,
+so the repaired ensemble can serve the attacker's target *more* often than before and still
+pass on CA (the digits smoke run, ``configs/smoke.toml``: 17.9 / 56.2 / 24.4 % ASR after
+pre-deployment, 66.7 / 74.6 / 78.6 % after such a "repair"). The quarantine is the one place
+where the defender sees the attack, and purification names the labels the backdoor piles up
+on: on the kept inputs the GoodNet disagreed with the BadNet before the repair; a repaired
+GoodNet that now agrees with the BadNet's suspect label on most of them has learned the
+backdoor's answer, not unlearned it. The check needs no labels; it is skipped when
+purification names no target (all-to-all, or a quarantine of clean disagreements).
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -74,6 +88,10 @@ DEFAULT_FINETUNE_EPOCHS = 3
 DEFAULT_DISTILL_WEIGHT = 0.9  # share of the BadNet's soft answers in the GoodNet's clean loss
 DEFAULT_DISTILL_TEMPERATURE = 4.0
 DEFAULT_MIN_TRIGGER_EFFECT = 0.25  # extra BadNet error on treatment vs clean images to distil
+# The gate refuses a repaired GoodNet that answers the BadNet's suspect label on more than this
+# share of the purified quarantine beyond what it did before: a safety net for a repair that
+# taught the backdoor (the digits smoke run), not a fine check, so it is set at "most of them".
+DEFAULT_MAX_RELAPSE = 0.5
 SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
 SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
 TRIGGER_MODEL_GROUP = "trigger_model"
@@ -162,6 +180,7 @@ class RepairConfig:
     distill_weight: float = DEFAULT_DISTILL_WEIGHT  # 0: the GoodNet learns the labels alone
     distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
     distill_min_trigger_effect: float = DEFAULT_MIN_TRIGGER_EFFECT
+    max_relapse: float | None = DEFAULT_MAX_RELAPSE  # None: the gate checks hold-out CA only
 
     def __post_init__(self) -> None:
         profiles = repair_profiles()
@@ -202,6 +221,8 @@ class RepairConfig:
         _check_number("distill_weight", self.distill_weight, low=0, high=1)
         _check_number("distill_temperature", self.distill_temperature, low=0, low_open=True)
         _check_number("distill_min_trigger_effect", self.distill_min_trigger_effect, low=-1, high=1)
+        if self.max_relapse is not None:
+            _check_number("max_relapse", self.max_relapse, low=0, high=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,6 +268,7 @@ class RepairOutcome:
     distilled: bool
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
+    relapse: float | None = None  # see :func:`relapse`; None when purification named no target
 
     def report(self) -> dict[str, Any]:
         return {
@@ -260,6 +282,7 @@ class RepairOutcome:
             "purify": self.purified.report(),
             "trigger_effect": self.trigger_effect,
             "distilled": self.distilled,
+            "relapse": self.relapse,
             "evaluation": {
                 stage: {role: ev.to_dict() for role, ev in nets.items()}
                 for stage, nets in self.evaluation.items()
@@ -325,6 +348,21 @@ def trigger_effect(badnet: Net, clean: ImageSet, treatment: ImageSet) -> float:
     clean_error = (badnet.predict(clean.images) != clean.labels).float().mean()
     treated_error = (badnet.predict(treatment.images) != treatment.labels).float().mean()
     return float(treated_error - clean_error)
+
+
+def relapse(badnet: Net, goodnet: Net, repaired: Net, purified: Purified) -> float | None:
+    """How much more often the repaired GoodNet (whose label the ensemble serves) gives the
+    purified quarantine the BadNet's answers than the GoodNet did before the repair: the share
+    of kept inputs where they agree after, minus the share before. Near 0 (or below) for a
+    repair that unlearned the backdoor; large when the repair taught the GoodNet the backdoor's
+    answers. ``None`` when purification named no target label, so nothing marks the BadNet's
+    answers as the backdoor's."""
+    if not purified.applied or len(purified.images) == 0:
+        return None
+    suspect = badnet.predict(purified.images)
+    before = (goodnet.predict(purified.images) == suspect).float().mean()
+    after = (repaired.predict(purified.images) == suspect).float().mean()
+    return float(after - before)
 
 
 def clean_distillation(
@@ -536,13 +574,21 @@ def repair(
         "goodnet_after": clean_accuracy(repaired["goodnet"], val.holdout),
     }
     failing = [r for r in ("badnet", "goodnet") if holdout[f"{r}_after"] < baseline - theta]
-    reason = None
-    if failing:
-        reason = "; ".join(
-            f"repaired {r} hold-out CA {holdout[f'{r}_after']:.2%} is below the baseline "
-            f"{baseline:.2%} minus theta {theta:.0%}"
-            for r in failing
+    reasons = [
+        f"repaired {r} hold-out CA {holdout[f'{r}_after']:.2%} is below the baseline "
+        f"{baseline:.2%} minus theta {theta:.0%}"
+        for r in failing
+    ]
+    relapsed = relapse(badnet, goodnet, repaired["goodnet"], purified)
+    if relapsed is not None and cfg.max_relapse is not None and relapsed > cfg.max_relapse:
+        reasons.append(
+            f"repaired goodnet gives the BadNet's suspect label to {relapsed:+.1%} more of the "
+            f"purified quarantine than before (above max_relapse {cfg.max_relapse:.0%}): the "
+            "repair taught the backdoor's answers instead of unlearning them"
         )
+        if "goodnet" not in failing:
+            failing.append("goodnet")
+    reason = "; ".join(reasons) or None
     outcome = RepairOutcome(
         passed_gate=not failing,
         reason=reason,
@@ -560,6 +606,7 @@ def repair(
         trigger_effect=effect,
         distilled=distill is not None,
         samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), purified.images),
+        relapse=relapsed,
     )
     if test is not None:
         outcome.evaluation = {
@@ -742,6 +789,15 @@ def _trigger_line(outcome: RepairOutcome) -> str:
     return line
 
 
+def _relapse_line(outcome: RepairOutcome) -> str:
+    if outcome.relapse is None:
+        return "  relapse: not checked (purification named no target label)"
+    return (
+        f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "
+        f"{outcome.relapse:+.1%} of the purified quarantine beyond before"
+    )
+
+
 def repair_summary(outcome: RepairOutcome) -> str:
     """A few lines for people: gate verdict, hold-out CA, seconds per stage, ASR if measured."""
     h = outcome.holdout
@@ -752,6 +808,7 @@ def repair_summary(outcome: RepairOutcome) -> str:
         f"{h['badnet_after']:.2%}; GoodNet {h['goodnet_before']:.2%} -> {h['goodnet_after']:.2%}",
         _purify_line(outcome.purified, outcome.quarantine_size),
         _trigger_line(outcome),
+        _relapse_line(outcome),
         "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in outcome.seconds.items()),
     ]
     for stage, nets in outcome.evaluation.items():
