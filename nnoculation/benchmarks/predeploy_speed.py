@@ -528,6 +528,15 @@ def overlap_markdown(entry: dict[str, Any]) -> list[str]:
     ]
 
 
+def _grid_speed(one: dict[str, Any], full: dict[str, Any]) -> str:
+    """The whole grid in one process against in the workers: like for like (same cells), so
+    the pick moving under the thread layout does not enter it."""
+    if one is full or not full.get("seconds"):
+        return "-"
+    a, b = one["seconds"], full["seconds"]
+    return f"{a:.0f} -> {b:.0f} ({a / b:.2f}x)"
+
+
 def markdown(entries: list[dict[str, Any]]) -> str:
     """The results table (seconds, cells, picks), the false-stop rates, the overlap case."""
     overlap = [e for e in entries if e.get("kind") == OVERLAP]
@@ -545,6 +554,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{old['seconds']:.0f} ({old['cells_trained']})",
                 f"{new['seconds']:.0f} ({new['cells_trained']}, {new['cells_pruned']} pruned)",
                 f"{e['speedup']:.2f}x" if e["speedup"] else "-",
+                _grid_speed(one, full),
                 _pick_text(old["pick"]),
                 _pick_text(one["pick"]),
                 _pick_text(new["pick"]),
@@ -557,7 +567,8 @@ def markdown(entries: list[dict[str, Any]]) -> str:
             ]
         )
     header = ["BadNet", "format", "old s (cells)", "new s (cells)", "speed-up",
-              "old pick", "its whole grid", "new pick", "its whole grid", "same_pick",
+              "whole grid s: 1 process -> workers", "old pick", "its whole grid", "new pick",
+              "its whole grid", "same_pick",
               "threads: flips, max CA diff", "GoodNet CA %", "GoodNet ASR %"]  # fmt: skip
     stops = []
     for e in entries:
