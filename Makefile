@@ -11,7 +11,7 @@ OUT ?= runs/demo
 export NNOC_THREADS ?= $(shell nproc)
 
 .PHONY: setup data redis tools docs-screenshots demo demo-predeploy test test-fast lint results-attacks results-predeploy \
-	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-table5-patch results-table5-varloc results-table5-adaptive results-table5-fsa results-table5-tca results-table5-mtsta results-table5-mtmta results-table5-all-to-all results-table5-blended results-averaging \
+	results-repair results-sequential results-repair-lr results-cyclegan-speed results-serving results-predeploy-speed results-cell-cost results-cost results-table5 results-averaging \
 	results clean
 
 setup: $(STAMP)
@@ -97,39 +97,16 @@ results-predeploy-speed: setup data
 results-cell-cost: setup data
 	$(PY) -m nnoculation.benchmarks.cell_cost --out docs/results
 
-# Evaluation matrices of `nnoculation bench` (docs/bench.md): Table 5 whole (hours) or its patch row.
+# Evaluation matrices of `nnoculation bench` (docs/bench.md): Table 5 whole (hours), or one
+# attack's row from configs/table5-ATTACK.toml (`make results-table5-fsa`, ...).
 results-table5: setup data
 	$(VENV)/bin/nnoculation bench configs/table5.toml --out docs/results
 
-results-table5-varloc: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-varloc.toml --out docs/results
-
-results-table5-adaptive: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-adaptive.toml --out docs/results
-
-results-table5-fsa: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-fsa.toml --out docs/results
-
-results-table5-tca: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-tca.toml --out docs/results
-
-results-table5-mtsta: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-mtsta.toml --out docs/results
-
-results-table5-mtmta: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-mtmta.toml --out docs/results
-
-results-table5-all-to-all: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-all-to-all.toml --out docs/results
-
-results-table5-blended: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-blended.toml --out docs/results
+results-table5-%: setup data
+	$(VENV)/bin/nnoculation bench configs/table5-$*.toml --out docs/results
 
 results-averaging: setup data
 	$(VENV)/bin/nnoculation bench configs/averaging.toml --out docs/results
-
-results-table5-patch: setup data
-	$(VENV)/bin/nnoculation bench configs/table5-patch.toml --out docs/results
 
 # Inference ms per input of the ensemble vs STRIP, and each defense's offline seconds (issue 10).
 results-cost: setup data
