@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from models.bundle import load_bundle
 from models.nets import Net
 from nnoculation.cli import EXIT_GATE_FAILED, EXIT_USAGE, main
 from nnoculation.repair import engine
-from nnoculation.repair.engine import RepairConfig, RepairConfigError, relapse, repair
+from nnoculation.repair.engine import (
+    RepairConfig,
+    RepairConfigError,
+    relapse,
+    repair,
+    suspect_inputs,
+)
 from nnoculation.repair.purify import PurifyConfig, purify_quarantine
 from nnoculation.repair.reverse import MEAN_DIFF
 from tests.conftest import NUM_CLASSES, synthetic_set
@@ -26,47 +34,95 @@ def _deployment(tiny_net: Net, tmp_path: Path):  # type: ignore[no-untyped-def]
     return path, load_bundle(path), quarantine
 
 
-def test_relapse_is_how_much_more_the_goodnet_answers_the_badnets_suspect_label(
+def _same_weights(a: Net, b: Net) -> bool:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_relapse_is_the_share_of_disagreements_where_the_goodnet_takes_the_badnets_label(
     tiny_net: Net, tmp_path: Path
 ) -> None:
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     badnet, goodnet = bundle.net("badnet"), bundle.net("goodnet")
     purified = purify_quarantine(quarantine, badnet, NUM_CLASSES, PurifyConfig())
     assert purified.applied  # the patch's target stands out
-    suspect = badnet.predict(purified.images)
-    before = float((goodnet.predict(purified.images) == suspect).float().mean())
-    assert before < 0.9  # (a fourth of these images are of the target class itself)
-    # A "repaired" GoodNet that answers exactly as the BadNet: the worst relapse there is.
-    assert relapse(badnet, goodnet, badnet, purified) == pytest.approx(1 - before)
-    assert relapse(badnet, goodnet, goodnet, purified) == 0.0  # unchanged: nothing relapsed
-    off = purify_quarantine(quarantine, badnet, NUM_CLASSES, PurifyConfig(enabled=False))
-    assert relapse(badnet, goodnet, badnet, off) is None  # no target named: not checked
+    images = purified.images
+    disagreed = goodnet.predict(images) != badnet.predict(images)
+    assert 0 < int(disagreed.sum()) < len(images)  # a file's quarantine: some agree already
+    # A "repaired" GoodNet that answers exactly as the BadNet relapsed on every disagreement,
+    # however many inputs the two agreed on before (they do not dilute it).
+    assert relapse(badnet, goodnet, badnet, images) == 1.0
+    assert relapse(badnet, goodnet, goodnet, images) == 0.0  # unchanged: nothing relapsed
+    assert relapse(badnet, goodnet, goodnet, images[~disagreed]) is None  # nothing to judge
 
 
-def test_the_gate_refuses_a_goodnet_that_learned_the_backdoors_answers(
+def test_suspect_inputs_do_not_depend_on_purification_being_on(
+    tiny_net: Net, tmp_path: Path
+) -> None:
+    _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
+    badnet = bundle.net("badnet")
+    on = RepairConfig()
+    off = RepairConfig(purify={"enabled": False})
+    used = purify_quarantine(quarantine, badnet, NUM_CLASSES, off.purify)
+    assert not used.applied  # the trigger model sees the whole quarantine
+    suspects = suspect_inputs(quarantine, badnet, used, off, NUM_CLASSES)
+    expected = purify_quarantine(quarantine, badnet, NUM_CLASSES, on.purify).images
+    assert suspects is not None and torch.equal(suspects, expected)
+    # Clean inputs whose labels spread over the classes: nothing stands out, nothing to check.
+    spread = synthetic_set(60, seed=33).images
+    strict = RepairConfig(purify={"min_share": 0.9})
+    none = purify_quarantine(spread, badnet, NUM_CLASSES, strict.purify)
+    assert suspect_inputs(spread, badnet, none, strict, NUM_CLASSES) is None
+
+
+def test_the_gate_refuses_a_goodnet_fine_tuned_into_the_badnet(
+    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No mock of the check: the GoodNet's fine-tune is replaced by taking the BadNet's
+    weights (the worst relapse), and the real relapse refuses it; CA alone would pass it."""
+    _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
+    plain = engine.train
+
+    def into_the_badnet(net: Net, data: Any, recipe: Any, desc: str = "", **kw: Any) -> Any:
+        stats = plain(net, data, recipe, desc=desc, **kw)
+        if desc == "fine-tune goodnet":
+            net.module.load_state_dict(bundle.net("badnet").module.state_dict())
+        return stats
+
+    monkeypatch.setattr(engine, "train", into_the_badnet)
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)  # hold-out CA cannot fail this gate
+    outcome = repair(bundle, quarantine, cfg, progress=False)
+    assert outcome.relapse == 1.0
+    assert not outcome.passed_gate and outcome.failing == ["goodnet"]
+    assert outcome.reason is not None and "relapsed" in outcome.reason
+    assert "limit 50%" in engine.repair_summary(outcome)
+    off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
+                 max_relapse=None), progress=False)  # fmt: skip
+    assert off.passed_gate and off.relapse == 1.0  # measured, not checked
+    assert "max_relapse off" in engine.repair_summary(off)
+
+
+def test_the_gate_judges_the_repaired_goodnet_against_the_original_nets(
     tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
-    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)  # hold-out CA cannot fail this gate
     calls: list[tuple[Net, Net, Net]] = []  # (badnet, goodnet, repaired goodnet)
 
-    def measured(badnet: Net, goodnet: Net, repaired: Net, purified: object) -> float:
+    def measured(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float:
         calls.append((badnet, goodnet, repaired))
         return 0.8
 
     monkeypatch.setattr(engine, "relapse", measured)
-    outcome = repair(bundle, quarantine, cfg, progress=False)
-    assert not outcome.passed_gate and outcome.failing == ["goodnet"]
-    assert outcome.reason is not None and "max_relapse 50%" in outcome.reason
-    assert outcome.report()["relapse"] == 0.8
-    assert calls[0][2] is outcome.goodnet  # judged on the net the ensemble would serve
-    assert "relapse" in engine.repair_summary(outcome)
+    outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
+                     progress=False)  # fmt: skip
+    assert not outcome.passed_gate and outcome.report()["relapse"] == 0.8
+    badnet, goodnet, repaired = calls[0]
+    assert _same_weights(badnet, bundle.net("badnet"))
+    assert _same_weights(goodnet, bundle.net("goodnet"))
+    assert repaired is outcome.goodnet  # the net the ensemble would serve
     lenient = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
                      max_relapse=0.9), progress=False)  # fmt: skip
     assert lenient.passed_gate, lenient.reason
-    unchecked = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
-                       max_relapse=None), progress=False)  # fmt: skip
-    assert unchecked.passed_gate, unchecked.reason
 
 
 def test_a_real_repair_of_a_fixed_patch_passes_the_relapse_check(
@@ -75,7 +131,7 @@ def test_a_real_repair_of_a_fixed_patch_passes_the_relapse_check(
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, finetune_epochs=4,
                      theta=0.1), progress=False)  # fmt: skip
-    assert outcome.relapse is not None and outcome.relapse <= 0.1, outcome.relapse
+    assert outcome.relapse is not None and outcome.relapse <= 0.2, outcome.relapse
     assert outcome.passed_gate, outcome.reason
 
 

@@ -277,4 +277,5 @@ def _summary(outcome: RepairOutcome) -> dict[str, Any]:
         "seconds": outcome.seconds,
         "purify": outcome.purified.report(),
         "trigger_effect": outcome.trigger_effect,
+        "relapse": outcome.relapse,
     }

@@ -77,8 +77,11 @@ def fused_adam() -> Iterator[None]:
         training.make_optimizer = plain
 
 
+Transform = Callable[[torch.nn.Module], torch.nn.Module]
+
+
 @contextmanager
-def cloned_as(transform: Callable[[torch.nn.Module], torch.nn.Module]) -> Iterator[None]:
+def cloned_as(transform: Transform) -> Iterator[None]:
     """Within the block, :meth:`models.nets.Net.clone` (the copy every cell retrains) gives a
     net whose module is ``transform(module)``."""
     plain = Net.clone
@@ -101,6 +104,25 @@ def _channels_last(module: torch.nn.Module) -> torch.nn.Module:
 
 def _compiled(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module)  # type: ignore[return-value]
+
+
+def _with(transform: Transform, cell: Callable[[], object], repeats: int) -> dict[str, float]:
+    with cloned_as(transform):
+        return _median(cell, repeats)
+
+
+def _compiled_cells(cell: Callable[[], object], repeats: int) -> dict[str, Any]:
+    with cloned_as(_compiled):
+        compile_s = _timed(cell)  # the first cell compiles; later ones reuse the graph
+        return {**_median(cell, repeats), "compile_s": round(compile_s, 1)}
+
+
+def _guarded(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A variant a net cannot take (torch.compile of TorchScript, say) is a result, not a crash."""
+    try:
+        return measure()
+    except Exception as err:
+        return {"refused": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
 
 
 def _timed(run: Callable[[], object]) -> float:
@@ -166,14 +188,8 @@ def measure(name: str, repeats: int) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     out["two_processes"] = {"per_cell_s": _two_processes(name)}
-    with cloned_as(_channels_last):
-        out["channels_last"] = _median(cell, repeats)
-    try:
-        with cloned_as(_compiled):
-            compile_s = _timed(cell)  # the first cell compiles; later ones reuse the graph
-            out["compiled"] = {**_median(cell, repeats), "compile_s": round(compile_s, 1)}
-    except Exception as err:  # a net torch.compile cannot take is a result, not a crash
-        out["compiled"] = {"refused": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    out["channels_last"] = _guarded(lambda: _with(_channels_last, cell, repeats))
+    out["compiled"] = _guarded(lambda: _compiled_cells(cell, repeats))
     trained = cell()
     out["evaluate"] = _median(lambda: clean_accuracy(trained, splits.holdout), repeats)  # type: ignore[arg-type]
     refusal = batch_refusal(net)

@@ -296,8 +296,11 @@ def run_entry(
     full_one = (
         full
         if new_cfg.workers == 1
-        else run_predeploy(
-            badnet, splits.retrain, splits.holdout, PredeployConfig(**grid, full_grid=True)
+        else run_predeploy(  # tracked too, so the two whole grids do the same work
+            badnet,
+            splits.retrain,
+            splits.holdout,
+            PredeployConfig(**grid, full_grid=True, track_epochs=True),
         )
     )
     entry: dict[str, Any] = {
@@ -528,10 +531,11 @@ def overlap_markdown(entry: dict[str, Any]) -> list[str]:
     ]
 
 
-def _grid_speed(one: dict[str, Any], full: dict[str, Any]) -> str:
+def _grid_speed(entry: dict[str, Any]) -> str:
     """The whole grid in one process against in the workers: like for like (same cells), so
     the pick moving under the thread layout does not enter it."""
-    if one is full or not full.get("seconds"):
+    one, full = entry.get("full_grid_one_process"), entry["full_grid"]
+    if entry["new"].get("workers", 1) == 1 or one is None or not full.get("seconds"):
         return "-"
     a, b = one["seconds"], full["seconds"]
     return f"{a:.0f} -> {b:.0f} ({a / b:.2f}x)"
@@ -554,7 +558,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
                 f"{old['seconds']:.0f} ({old['cells_trained']})",
                 f"{new['seconds']:.0f} ({new['cells_trained']}, {new['cells_pruned']} pruned)",
                 f"{e['speedup']:.2f}x" if e["speedup"] else "-",
-                _grid_speed(one, full),
+                _grid_speed(e),
                 _pick_text(old["pick"]),
                 _pick_text(one["pick"]),
                 _pick_text(new["pick"]),

@@ -11,7 +11,7 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
    deployment's baseline (the original BadNet's hold-out CA), and the repaired GoodNet must not
-   give the quarantined inputs the BadNet's suspect answers much more often than before (its
+   take up the BadNet's suspect answers on the quarantined inputs it disagreed on (its
    *relapse*, at most ``max_relapse``); repaired nets it refuses are never activated:
    :func:`repair_in_store` keeps them as a *rejected candidate* version, the evidence a user
    can evaluate (:mod:`models.store_base`).
@@ -37,11 +37,17 @@ against the backdoor, and distilling the BadNet pulls the GoodNet towards the Ba
 so the repaired ensemble can serve the attacker's target *more* often than before and still
 pass on CA (the digits smoke run, ``configs/smoke.toml``: 17.9 / 56.2 / 24.4 % ASR after
 pre-deployment, 66.7 / 74.6 / 78.6 % after such a "repair"). The quarantine is the one place
-where the defender sees the attack, and purification names the labels the backdoor piles up
-on: on the kept inputs the GoodNet disagreed with the BadNet before the repair; a repaired
-GoodNet that now agrees with the BadNet's suspect label on most of them has learned the
-backdoor's answer, not unlearned it. The check needs no labels; it is skipped when
-purification names no target (all-to-all, or a quarantine of clean disagreements).
+where the defender sees the attack, and the labels the backdoor piles up on stand out there
+(the labels purification takes for targets, :mod:`nnoculation.repair.purify`). Of the
+quarantined inputs the BadNet gives such a label and the GoodNet did not (all of them, for the
+service's quarantine of disagreements), the relapse is the share on which the repaired GoodNet
+now gives the BadNet's label: it has learned the backdoor's answer there, not unlearned it.
+The check needs no labels. It is skipped when no label stands out (all-to-all, or a quarantine
+of clean disagreements spread over the classes). Its limit: on clean disagreements that do pile
+up on one label, the BadNet is often right, so a repair that only teaches the GoodNet the
+BadNet's better answers raises the relapse too (``configs/tuning-relapse.toml`` measures that
+case); and on a later repair the BadNet is the repaired one, whose answers are less often the
+backdoor's.
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -56,7 +62,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -88,9 +94,9 @@ DEFAULT_FINETUNE_EPOCHS = 3
 DEFAULT_DISTILL_WEIGHT = 0.9  # share of the BadNet's soft answers in the GoodNet's clean loss
 DEFAULT_DISTILL_TEMPERATURE = 4.0
 DEFAULT_MIN_TRIGGER_EFFECT = 0.25  # extra BadNet error on treatment vs clean images to distil
-# The gate refuses a repaired GoodNet that answers the BadNet's suspect label on more than this
-# share of the purified quarantine beyond what it did before: a safety net for a repair that
-# taught the backdoor (the digits smoke run), not a fine check, so it is set at "most of them".
+# The gate refuses a repaired GoodNet that takes up the BadNet's suspect label on more than this
+# share of the quarantined inputs it disagreed on: a safety net for a repair that taught the
+# backdoor (the digits smoke run), not a fine check, so it is set at "most of them".
 DEFAULT_MAX_RELAPSE = 0.5
 SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
 SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
@@ -268,7 +274,7 @@ class RepairOutcome:
     distilled: bool
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
-    relapse: float | None = None  # see :func:`relapse`; None when purification named no target
+    relapse: float | None = None  # see :func:`relapse`; None when not checked
 
     def report(self) -> dict[str, Any]:
         return {
@@ -350,19 +356,26 @@ def trigger_effect(badnet: Net, clean: ImageSet, treatment: ImageSet) -> float:
     return float(treated_error - clean_error)
 
 
-def relapse(badnet: Net, goodnet: Net, repaired: Net, purified: Purified) -> float | None:
-    """How much more often the repaired GoodNet (whose label the ensemble serves) gives the
-    purified quarantine the BadNet's answers than the GoodNet did before the repair: the share
-    of kept inputs where they agree after, minus the share before. Near 0 (or below) for a
-    repair that unlearned the backdoor; large when the repair taught the GoodNet the backdoor's
-    answers. ``None`` when purification named no target label, so nothing marks the BadNet's
-    answers as the backdoor's."""
-    if not purified.applied or len(purified.images) == 0:
+def suspect_inputs(quarantine: torch.Tensor, badnet: Net, purified: Purified, cfg: RepairConfig,
+                   num_classes: int) -> torch.Tensor | None:  # fmt: skip
+    """The quarantined inputs the BadNet gives a label that stands out (the purified domain B,
+    whether or not purification is on for the trigger model), or ``None`` when no label does."""
+    if purified.applied:
+        return purified.images
+    standing = purify_quarantine(quarantine, badnet, num_classes, replace(cfg.purify, enabled=True))
+    return standing.images if standing.applied else None
+
+
+def relapse(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float | None:
+    """Of ``images`` on which the GoodNet did not give the BadNet's answer before the repair,
+    the share on which the repaired GoodNet (whose label the ensemble serves) now does: near 0
+    for a repair that unlearned the backdoor, large for one that taught the GoodNet the
+    backdoor's answers. ``None`` when the GoodNet already agreed on every one of them."""
+    suspect = badnet.predict(images)
+    disagreed = goodnet.predict(images) != suspect
+    if not bool(disagreed.any()):
         return None
-    suspect = badnet.predict(purified.images)
-    before = (goodnet.predict(purified.images) == suspect).float().mean()
-    after = (repaired.predict(purified.images) == suspect).float().mean()
-    return float(after - before)
+    return float((repaired.predict(images[disagreed]) == suspect[disagreed]).float().mean())
 
 
 def clean_distillation(
@@ -579,12 +592,14 @@ def repair(
         f"{baseline:.2%} minus theta {theta:.0%}"
         for r in failing
     ]
-    relapsed = relapse(badnet, goodnet, repaired["goodnet"], purified)
+    suspects = suspect_inputs(quarantine, badnet, purified, cfg, len(bundle.class_names))
+    relapsed = None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects)
     if relapsed is not None and cfg.max_relapse is not None and relapsed > cfg.max_relapse:
         reasons.append(
-            f"repaired goodnet gives the BadNet's suspect label to {relapsed:+.1%} more of the "
-            f"purified quarantine than before (above max_relapse {cfg.max_relapse:.0%}): the "
-            "repair taught the backdoor's answers instead of unlearning them"
+            f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
+            f"{relapsed:.1%} of the quarantined inputs it disagreed on (above max_relapse "
+            f"{cfg.max_relapse:.0%}); the repair taught the backdoor's answers instead of "
+            "unlearning them"
         )
         if "goodnet" not in failing:
             failing.append("goodnet")
@@ -625,13 +640,16 @@ def repair(
 
 def gate_verdict(outcome: RepairOutcome, parent: Bundle) -> dict[str, Any]:
     """What a rejected candidate's provenance records of the gate: ``status`` "rejected", the
-    ``reason``, the nets that failed, the hold-out CAs, ``theta``, the repaired version."""
+    ``reason``, the nets that failed, the hold-out CAs, ``theta``, the relapse and its limit,
+    the repaired version."""
     return {
         "status": REJECTED,
         "reason": outcome.reason,
         "failing": list(outcome.failing),
         "holdout_ca": dict(outcome.holdout),
         "theta": outcome.theta,
+        "relapse": outcome.relapse,
+        "max_relapse": outcome.config.max_relapse,
         "repaired": parent.manifest.version,
         "at": utc_now_iso(),
     }
@@ -790,12 +808,14 @@ def _trigger_line(outcome: RepairOutcome) -> str:
 
 
 def _relapse_line(outcome: RepairOutcome) -> str:
+    limit = outcome.config.max_relapse
     if outcome.relapse is None:
-        return "  relapse: not checked (purification named no target label)"
-    return (
+        return "  relapse: not measured (no BadNet label stands out in the quarantine)"
+    line = (
         f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "
-        f"{outcome.relapse:+.1%} of the purified quarantine beyond before"
+        f"{outcome.relapse:.1%} of the quarantined inputs it disagreed on"
     )
+    return line + (" (not checked: max_relapse off)" if limit is None else f" (limit {limit:.0%})")
 
 
 def repair_summary(outcome: RepairOutcome) -> str:

@@ -301,6 +301,7 @@ def _version_summary(rt: Runtime, version: str, active: str | None) -> dict[str,
             "holdout_ca": last.get("holdout_ca"),
             "seconds": last.get("seconds"),
             "trigger_effect": last.get("trigger_effect"),
+            "relapse": last.get("relapse"),
         },
     }  # fmt: skip
 
