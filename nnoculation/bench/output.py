@@ -109,7 +109,7 @@ def _note(details: dict[str, Any]) -> str:
             "gate passed" if details["passed_gate"] else f"gate failed: {details['reason']}"
         )
     if details.get("relapse") is not None:
-        parts.append(f"relapse {details['relapse']:+.1f} points")
+        parts.append(f"relapse {details['relapse']:.1f} %")
     return "; ".join(parts)
 
 
