@@ -895,8 +895,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-relapse",
         type=_share,
         default=RepairConfig.max_relapse,
-        help="the gate refuses a repaired GoodNet that gives the BadNet's suspect label to more "
-        "than this share of the purified quarantine beyond before the repair (1: never)",
+        help="also refuse, at the gate, a repaired GoodNet that now gives the BadNet's suspect "
+        "label to more than this share of the suspect quarantined inputs it disagreed on "
+        "(default: measured and reported, not checked)",
     )
     p.add_argument(
         "--purify-min-share",

@@ -1,5 +1,6 @@
-"""The gate's relapse check: a repair whose GoodNet now gives the quarantined inputs the
-BadNet's suspect answers (the backdoor's target) is refused, however good its hold-out CA."""
+"""The relapse: measured on every repair (how often the repaired GoodNet now gives the
+quarantined inputs the BadNet's suspect answers, the backdoor's target), and with
+``max_relapse`` set, a gate check that refuses such a repair however good its hold-out CA."""
 
 from __future__ import annotations
 
@@ -90,15 +91,15 @@ def test_the_gate_refuses_a_goodnet_fine_tuned_into_the_badnet(
         return stats
 
     monkeypatch.setattr(engine, "train", into_the_badnet)
-    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)  # hold-out CA cannot fail this gate
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99, max_relapse=0.5)  # CA cannot fail it
     outcome = repair(bundle, quarantine, cfg, progress=False)
     assert outcome.relapse == 1.0
     assert not outcome.passed_gate and outcome.failing == ["goodnet"]
     assert outcome.reason is not None and "relapsed" in outcome.reason
     assert "limit 50%" in engine.repair_summary(outcome)
-    off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
-                 max_relapse=None), progress=False)  # fmt: skip
-    assert off.passed_gate and off.relapse == 1.0  # measured, not checked
+    off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
+                 progress=False)  # fmt: skip
+    assert off.passed_gate and off.relapse == 1.0  # the default: measured, not checked
     assert "max_relapse off" in engine.repair_summary(off)
 
 
@@ -113,8 +114,8 @@ def test_the_gate_judges_the_repaired_goodnet_against_the_original_nets(
         return 0.8
 
     monkeypatch.setattr(engine, "relapse", measured)
-    outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
-                     progress=False)  # fmt: skip
+    outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
+                     max_relapse=0.5), progress=False)  # fmt: skip
     assert not outcome.passed_gate and outcome.report()["relapse"] == 0.8
     badnet, goodnet, repaired = calls[0]
     assert _same_weights(badnet, bundle.net("badnet"))
@@ -130,7 +131,7 @@ def test_a_real_repair_of_a_fixed_patch_passes_the_relapse_check(
 ) -> None:
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, finetune_epochs=4,
-                     theta=0.1), progress=False)  # fmt: skip
+                     theta=0.1, max_relapse=0.5), progress=False)  # fmt: skip
     assert outcome.relapse is not None and outcome.relapse <= 0.2, outcome.relapse
     assert outcome.passed_gate, outcome.reason
 
@@ -144,12 +145,14 @@ def test_the_cli_takes_max_relapse_and_exits_with_the_gates_code(
     monkeypatch.setattr(engine, "relapse", lambda *_args: 0.6)
     base = ["repair", "--bundle", str(path), "--quarantine", str(q), "--profile", MEAN_DIFF,
             "--theta", "0.99"]  # fmt: skip
-    assert main([*base, "--out", str(tmp_path / "a")]) == EXIT_GATE_FAILED
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0  # by default: measured only
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
-    assert report["relapse"] == 0.6 and "max_relapse" in report["reason"]
-    assert report["config"]["max_relapse"] == 0.5
-    assert main([*base, "--max-relapse", "0.7", "--out", str(tmp_path / "b")]) == 0
-    assert main([*base, "--max-relapse", "1.5", "--out", str(tmp_path / "c")]) == EXIT_USAGE
+    assert report["relapse"] == 0.6 and report["config"]["max_relapse"] is None
+    assert main([*base, "--max-relapse", "0.5", "--out", str(tmp_path / "b")]) == EXIT_GATE_FAILED
+    report = json.loads((tmp_path / "b" / "repair_report.json").read_text())
+    assert "max_relapse" in report["reason"] and report["config"]["max_relapse"] == 0.5
+    assert main([*base, "--max-relapse", "0.7", "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, "--max-relapse", "1.5", "--out", str(tmp_path / "d")]) == EXIT_USAGE
 
 
 def test_max_relapse_is_checked_when_the_config_is_made() -> None:

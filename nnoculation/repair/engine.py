@@ -10,9 +10,10 @@ config) to repaired nets ready to publish, or a refusal with its reason.
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation; on the clean images the
    GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
-   deployment's baseline (the original BadNet's hold-out CA), and the repaired GoodNet must not
-   take up the BadNet's suspect answers on the quarantined inputs it disagreed on (its
-   *relapse*, at most ``max_relapse``); repaired nets it refuses are never activated:
+   deployment's baseline (the original BadNet's hold-out CA), and, where ``max_relapse`` is
+   set, the repaired GoodNet must not take up the BadNet's suspect answers on the quarantined
+   inputs it disagreed on (its *relapse*, measured on every repair); repaired nets it refuses
+   are never activated:
    :func:`repair_in_store` keeps them as a *rejected candidate* version, the evidence a user
    can evaluate (:mod:`models.store_base`).
 
@@ -31,7 +32,7 @@ mean-difference model on the variable-location patch, which fires the BadNet on 
 treatment images than clean ones, took the ensemble from 35.9 % to 71.8 % ASR with
 distillation in a benchmark run before this check existed).
 
-Why the gate checks the relapse. Hold-out CA says nothing about the backdoor: a trigger model
+Why the repair measures the relapse. Hold-out CA says nothing about the backdoor: a trigger model
 that learned no trigger gives an untriggered "treatment", fine-tuning on it teaches nothing
 against the backdoor, and distilling the BadNet pulls the GoodNet towards the BadNet's answers,
 so the repaired ensemble can serve the attacker's target *more* often than before and still
@@ -42,12 +43,16 @@ where the defender sees the attack, and the labels the backdoor piles up on stan
 quarantined inputs the BadNet gives such a label and the GoodNet did not (all of them, for the
 service's quarantine of disagreements), the relapse is the share on which the repaired GoodNet
 now gives the BadNet's label: it has learned the backdoor's answer there, not unlearned it.
-The check needs no labels. It is skipped when no label stands out (all-to-all, or a quarantine
-of clean disagreements spread over the classes). Its limit: on clean disagreements that do pile
-up on one label, the BadNet is often right, so a repair that only teaches the GoodNet the
-BadNet's better answers raises the relapse too (``configs/tuning-relapse.toml`` measures that
-case); and on a later repair the BadNet is the repaired one, whose answers are less often the
-backdoor's.
+The measure needs no labels. It is skipped when no label stands out (all-to-all, or a
+quarantine of clean disagreements spread over the classes). Its limit, and why the gate does
+not check it by default: on clean disagreements that do pile up on a few labels, the BadNet is
+often right, so a repair that only teaches the GoodNet the BadNet's better answers raises the
+relapse too. ``configs/tuning-relapse.toml`` measured 2.8 % on a repair of the patch and
+42.6 % on a repair of a quarantine with no attack in it (Fashion-MNIST, tuning split), against
+50.0 / 66.7 / 66.7 % for the digits smoke run's harmful repairs: no limit separates them with
+room to spare, and a false refusal of every repair of an unattacked deployment is a failure
+too. ``max_relapse`` (``--max-relapse``) turns the check on. On a later repair the BadNet is
+the repaired one, whose answers are less often the backdoor's.
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -94,10 +99,6 @@ DEFAULT_FINETUNE_EPOCHS = 3
 DEFAULT_DISTILL_WEIGHT = 0.9  # share of the BadNet's soft answers in the GoodNet's clean loss
 DEFAULT_DISTILL_TEMPERATURE = 4.0
 DEFAULT_MIN_TRIGGER_EFFECT = 0.25  # extra BadNet error on treatment vs clean images to distil
-# The gate refuses a repaired GoodNet that takes up the BadNet's suspect label on more than this
-# share of the quarantined inputs it disagreed on: a safety net for a repair that taught the
-# backdoor (the digits smoke run), not a fine check, so it is set at "most of them".
-DEFAULT_MAX_RELAPSE = 0.5
 SAMPLE_COUNT = 8  # images per row of the clean vs G(clean) grid
 SAMPLE_SCALE = 3  # upscaling of the grid so 28x28 images are visible
 TRIGGER_MODEL_GROUP = "trigger_model"
@@ -186,7 +187,9 @@ class RepairConfig:
     distill_weight: float = DEFAULT_DISTILL_WEIGHT  # 0: the GoodNet learns the labels alone
     distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
     distill_min_trigger_effect: float = DEFAULT_MIN_TRIGGER_EFFECT
-    max_relapse: float | None = DEFAULT_MAX_RELAPSE  # None: the gate checks hold-out CA only
+    # The gate refuses a repaired GoodNet whose relapse is above this share (None: not checked,
+    # the default; see the module doc for why)
+    max_relapse: float | None = None
 
     def __post_init__(self) -> None:
         profiles = repair_profiles()
