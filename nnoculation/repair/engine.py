@@ -32,27 +32,28 @@ mean-difference model on the variable-location patch, which fires the BadNet on 
 treatment images than clean ones, took the ensemble from 35.9 % to 71.8 % ASR with
 distillation in a benchmark run before this check existed).
 
-Why the repair measures the relapse. Hold-out CA says nothing about the backdoor: a trigger model
-that learned no trigger gives an untriggered "treatment", fine-tuning on it teaches nothing
-against the backdoor, and distilling the BadNet pulls the GoodNet towards the BadNet's answers,
-so the repaired ensemble can serve the attacker's target *more* often than before and still
-pass on CA (the digits smoke run, ``configs/smoke.toml``: 17.9 / 56.2 / 24.4 % ASR after
-pre-deployment, 66.7 / 74.6 / 78.6 % after such a "repair"). The quarantine is the one place
-where the defender sees the attack, and the labels the backdoor piles up on stand out there
-(the labels purification takes for targets, :mod:`nnoculation.repair.purify`). Of the
-quarantined inputs the BadNet gives such a label and the GoodNet did not (all of them, for the
-service's quarantine of disagreements), the relapse is the share on which the repaired GoodNet
-now gives the BadNet's label: it has learned the backdoor's answer there, not unlearned it.
-The measure needs no labels. It is skipped when no label stands out (all-to-all, or a
-quarantine of clean disagreements spread over the classes). Its limit, and why the gate does
-not check it by default: on clean disagreements that do pile up on a few labels, the BadNet is
-often right, so a repair that only teaches the GoodNet the BadNet's better answers raises the
-relapse too. ``configs/tuning-relapse.toml`` measured 2.8 % on a repair of the patch and
-42.6 % on a repair of a quarantine with no attack in it (Fashion-MNIST, tuning split), against
-50.0 / 66.7 / 66.7 % for the digits smoke run's harmful repairs: no limit separates them with
-room to spare, and a false refusal of every repair of an unattacked deployment is a failure
-too. ``max_relapse`` (``--max-relapse``) turns the check on. On a later repair the BadNet is
-the repaired one, whose answers are less often the backdoor's.
+Why the repair measures the relapse. Hold-out CA says nothing about the backdoor: a trigger
+model that learned no trigger gives an untriggered "treatment", fine-tuning on it teaches
+nothing against the backdoor, and distilling the BadNet pulls the GoodNet towards the BadNet's
+answers, so the repaired ensemble can serve the attacker's target *more* often than before and
+still pass on CA (the digits smoke run, ``configs/smoke.toml``: 17.9 / 56.2 / 24.4 % ASR after
+pre-deployment, 66.7 / 73.1 / 76.1 % after such a "repair", ``docs/results/smoke.md``). The
+quarantine is the one place where the defender sees the attack, and the labels the backdoor
+piles up on stand out there (the labels purification takes for targets,
+:mod:`nnoculation.repair.purify`). Of the quarantined inputs the BadNet gives such a label and
+the GoodNet did not (all of them, for the service's quarantine of disagreements), the relapse is
+the share on which the repaired GoodNet now gives the BadNet's label: it has learned the
+backdoor's answer there, not unlearned it. The measure needs no labels. It is skipped when no
+label stands out (all-to-all, or a quarantine of clean disagreements spread over the classes).
+Its limit, and why the gate does not check it by default: on clean disagreements that do pile up
+on a few labels, the BadNet is often right, so a repair that only teaches the GoodNet the
+BadNet's better answers raises the relapse too. ``configs/tuning-relapse.toml`` measured 2.8 and
+5.2 % on repairs of the patch and the moving patch, and 42.6 and 46.5 % on repairs of
+quarantines with no attack in them (Fashion-MNIST, tuning split), against 66.7 / 50.0 / 66.7 %
+for the digits smoke run's harmful repairs: no limit separates them with room to spare, and a
+false refusal of every repair of an unattacked deployment is a failure too. ``max_relapse``
+(``--max-relapse``) turns the check on. On a later repair the BadNet is the repaired one, whose
+answers are less often the backdoor's.
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
