@@ -13,9 +13,8 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    deployment's baseline (the original BadNet's hold-out CA), and, where ``max_relapse`` is
    set, the repaired GoodNet must not take up the BadNet's suspect answers on the quarantined
    inputs it disagreed on (its *relapse*, measured on every repair); repaired nets it refuses
-   are never activated:
-   :func:`repair_in_store` keeps them as a *rejected candidate* version, the evidence a user
-   can evaluate (:mod:`models.store_base`).
+   are never activated: :func:`repair_in_store` keeps them as a *rejected candidate* version,
+   the evidence a user can evaluate (:mod:`models.store_base`).
 
 Why the GoodNet distils the BadNet on clean images. The GoodNet was retrained at a high
 learning rate on the small validation set, so it answers clean inputs worse than the BadNet
@@ -278,7 +277,7 @@ class RepairOutcome:
     distilled: bool
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
-    relapse: float | None = None  # see :func:`relapse`; None when not checked
+    relapse: float | None = None  # see :func:`relapse`; None when not measured
 
     def report(self) -> dict[str, Any]:
         return {
@@ -364,8 +363,8 @@ def suspect_inputs(quarantine: torch.Tensor, badnet: Net, purified: Purified, cf
                    num_classes: int) -> torch.Tensor | None:  # fmt: skip
     """The quarantined inputs the BadNet gives a label that stands out (the purified domain B,
     whether or not purification is on for the trigger model), or ``None`` when no label does."""
-    if purified.applied:
-        return purified.images
+    if purified.applied or cfg.purify.enabled:  # purification already looked: no second pass
+        return purified.images if purified.applied else None
     standing = purify_quarantine(quarantine, badnet, num_classes, replace(cfg.purify, enabled=True))
     return standing.images if standing.applied else None
 
