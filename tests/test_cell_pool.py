@@ -54,12 +54,19 @@ def _keys(cells: list[Cell]) -> list[tuple[float, float]]:
     return [(c.alpha, c.gamma) for c in cells]
 
 
-def _no_pool_left() -> None:
+def _pool_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("nnoc-cells-*"))
+
+
+def _no_pool_left(before: set[Path]) -> None:
+    """No worker alive and no pool directory left but those that were there before the test
+    (the temp dir is shared: another run on the machine may hold one of its own)."""
     assert mp.active_children() == []
-    assert not list(Path(tempfile.gettempdir()).glob("nnoc-cells-*"))
+    assert _pool_dirs() <= before
 
 
 def test_pooled_search_keeps_the_in_process_answer_and_stops_its_workers(tiny_net: Net) -> None:
+    pool_dirs = _pool_dirs()
     badnet = _badnet(tiny_net)
     retrain, holdout = synthetic_set(120, seed=2), synthetic_set(80, seed=3)
     alone = run_predeploy(badnet, retrain, holdout, PredeployConfig(**GRID, full_grid=True))
@@ -84,10 +91,11 @@ def test_pooled_search_keeps_the_in_process_answer_and_stops_its_workers(tiny_ne
     first = next(k for k, c in enumerate(alone.cells) if c is alone.picked)
     assert search.cells_trained == first + 1 < len(alone.cells)
     assert search.picked is not None and search.picked.alpha == alone.picked.alpha
-    _no_pool_left()
+    _no_pool_left(pool_dirs)
 
 
 def test_closing_the_stream_early_terminates_the_pool(tiny_net: Net) -> None:
+    pool_dirs = _pool_dirs()
     badnet = _badnet(tiny_net)
     retrain, holdout = synthetic_set(120, seed=2), synthetic_set(80, seed=3)
     cfg = PredeployConfig(**GRID, workers=2)
@@ -97,11 +105,12 @@ def test_closing_the_stream_early_terminates_the_pool(tiny_net: Net) -> None:
     assert (cell.alpha, cell.gamma) == order[0] and net is not None
     assert len(mp.active_children()) == 2
     stream.close()
-    _no_pool_left()
+    _no_pool_left(pool_dirs)
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
 def test_torchscript_and_bounded_pt2_badnets_train_in_workers(tmp_path: Path, fmt: str) -> None:
+    pool_dirs = _pool_dirs()
     torch.manual_seed(0)
     module = BnDropoutNet().eval()
     if fmt == "torchscript":
@@ -131,7 +140,7 @@ def test_torchscript_and_bounded_pt2_badnets_train_in_workers(tmp_path: Path, fm
     assert stats, "the BadNet has batch-norm statistics"
     before, after = badnet.module.state_dict(), pooled.goodnet.module.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in stats)  # updated in the worker
-    _no_pool_left()
+    _no_pool_left(pool_dirs)
 
 
 def test_bad_worker_settings_are_refused() -> None:

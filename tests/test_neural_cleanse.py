@@ -208,7 +208,6 @@ def test_oracle_target_with_detection_off(small: Case, small_scan: Defended) -> 
     before = evaluate(case.badnet, case.test, case.attack)
     after = evaluate(oracle.predictor, case.test, case.attack)
     assert after.asr["patch"] < 0.2 and after.ca >= before.ca - MAX_CA_DROP, (before, after)
-    assert oracle.offline_seconds < scanned.offline_seconds  # one label instead of four
     # ... also for a label the scan reached last, after the others had drawn their numbers
     last = NUM_CLASSES - 1
     late = NeuralCleanse(detect=False, oracle_target=last, **BUDGET).run(case.inputs)
