@@ -14,9 +14,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import platform
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,8 @@ import torch
 
 from models.durable import write_atomic
 from nnoculation.bench.attacker import fs_name
+from nnoculation.benchmarks.common import cpu_model
+from nnoculation.benchmarks.common import provenance as common_provenance
 from nnoculation.runtime import default_device
 
 CELL_FORMAT = 1  # bump when a cell's meaning changes: older cells then never match
@@ -78,16 +78,11 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def provenance(commit: str, settings: str) -> dict[str, Any]:
-    """Who made a cell: the code commit, torch, the device, the date and the settings hash."""
+    """Who made a cell: what every result entry names (:func:`benchmarks.common.provenance`:
+    commit, torch, device, CPU model and threads, date) and the settings hash."""
     device = default_device()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
-    return {
-        "commit": commit,
-        "torch": torch.__version__,
-        "device": f"{device.type} ({name})",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings_hash": settings,
-    }
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {**common_provenance(commit, f"{device.type} ({name})"), "settings_hash": settings}
 
 
 def cell_record(key: CellKey, measured: Measured, commit: str, settings: str) -> dict[str, Any]:
