@@ -79,6 +79,11 @@ def test_a_passing_repair_is_published_activated_announced_and_archived(
     record = ctx.repairs.get(rid)
     assert record is not None and record["status"] == "published" and record["entries"] == 40
     assert record["holdout"]["badnet_after"] > 0 and ctx.repairs.current() is None
+    # The relapse (the BadNet's suspect label stands out in this quarantine) reaches the
+    # repair record and the published version's provenance, as the same figure.
+    assert isinstance(record["relapse"], float) and 0 <= record["relapse"] <= 1
+    repaired = store.manifest(DEPLOYMENT, "v0002").provenance["repairs"][-1]
+    assert repaired["relapse"] == record["relapse"]
     assert {i.sha256 for i in ctx.quarantine.archived(rid)} == set(shas)
     assert ctx.quarantine.pending_count("v0001") == 0
     deadline, message = time.monotonic() + 5, None

@@ -88,6 +88,8 @@ return tonumber(a) + 1
 """
 
 JSON_FIELDS = ("losses", "holdout", "seconds", "purify", "report")
+# Read back as numbers (Redis keeps strings): timestamps and the repair's scalar measures.
+FLOAT_FIELDS = ("created", "updated", "finished", "announced", "trigger_effect", "relapse")
 
 
 def new_repair_id() -> str:
@@ -164,7 +166,7 @@ class Repairs:
         if not raw:
             return None
         record: dict[str, Any] = {text(k): text(v) for k, v in raw.items()}
-        for key in ("created", "updated", "finished", "announced"):
+        for key in FLOAT_FIELDS:
             if key in record:
                 record[key] = float(record[key])
         for key in ("attempt", "epoch", "epochs", "entries", "pending_at_start"):
