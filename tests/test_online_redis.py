@@ -14,6 +14,7 @@ import redis
 import torch
 
 from nnoculation.online.keys import Keys
+from nnoculation.online.processes import live_processes, report_process
 from nnoculation.online.quarantine import (
     ADDED,
     DUPLICATE,
@@ -24,6 +25,7 @@ from nnoculation.online.quarantine import (
 )
 from nnoculation.online.repairs import (
     FAILED,
+    PUBLISHED,
     QUEUED,
     RUNNING,
     Repairs,
@@ -167,6 +169,39 @@ def test_finish_releases_the_lock_and_can_back_off(client: redis.Redis, keys: Ke
     assert repairs.current() is None and repairs.in_backoff()
     assert repairs.get(rid)["reason"] == "boom"  # type: ignore[index]
     assert repairs.reconcile(lambda: "v0001", lambda v: 500, n=200) == []  # backing off
+
+
+def test_a_repair_record_reads_back_the_types_it_was_given(client: redis.Redis, keys: Keys) -> None:
+    """What /admin/repairs serves: a bool stays a bool ("False" is truthy to a script), the
+    measures stay numbers, a blanked epoch is null, and a missing measure stays missing."""
+    repairs = Repairs(client, keys, job_timeout_s=600)
+    rid = repairs.start("v0001", "auto", 200).repair_id
+    repairs.update(rid, stage="cyclegan", epoch=3, epochs=10)
+    repairs.update(rid, stage="finetune", epoch="")  # a new stage blanks the last one's epoch
+    repairs.finish(rid, PUBLISHED, activated=False, trigger_effect=0.25, relapse=0.0,
+                   relapse_missing=None, holdout={"baseline": 0.9})  # fmt: skip
+    record = repairs.get(rid)
+    assert record is not None
+    assert record["activated"] is False and record["attempt"] == 1 and record["epochs"] == 10
+    assert record["epoch"] is None and record["pending_at_start"] == 200
+    assert record["trigger_effect"] == 0.25 and record["relapse"] == 0.0
+    assert isinstance(record["relapse"], float) and "relapse_missing" not in record
+    assert record["holdout"] == {"baseline": 0.9} and isinstance(record["finished"], float)
+
+
+def test_process_records_read_back_numbers_and_nulls(client: redis.Redis, keys: Keys) -> None:
+    """/admin/status lists every process as its own ``this_process`` describes itself: a pid
+    that compares equal, null (not "") before the first swap; an older release's plain-string
+    record still reads."""
+    report_process(client, keys, "host:1", {"pid": 1, "version": "v0001", "started": 12.5,
+                                             "swapped_at": None, "swap_error": None,
+                                             "rss_bytes": 4096}, ttl_s=30)  # fmt: skip
+    client.hset(keys.process("host:2"), mapping={"pid": "2", "version": "v0001"})
+    client.zadd(keys.processes, {"host:2": time.time()})
+    first, legacy = live_processes(client, keys)
+    assert first == {"member": "host:1", "pid": 1, "version": "v0001", "started": 12.5,
+                     "swapped_at": None, "swap_error": None, "rss_bytes": 4096}  # fmt: skip
+    assert legacy["version"] == "v0001" and legacy["pid"] == 2
 
 
 def test_spool_survives_a_torn_tail_and_replays_once(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -70,11 +71,8 @@ def fused_adam() -> Iterator[None]:
             return plain(params, cfg)
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
-    training.make_optimizer = fused
-    try:
+    with patch.object(training, "make_optimizer", fused):
         yield
-    finally:
-        training.make_optimizer = plain
 
 
 Transform = Callable[[torch.nn.Module], torch.nn.Module]
@@ -91,11 +89,8 @@ def cloned_as(transform: Transform) -> Iterator[None]:
         copy.module = transform(copy.module)
         return copy
 
-    Net.clone = clone  # type: ignore[method-assign]
-    try:
+    with patch.object(Net, "clone", clone):
         yield
-    finally:
-        Net.clone = plain  # type: ignore[method-assign]
 
 
 def _channels_last(module: torch.nn.Module) -> torch.nn.Module:

@@ -6,6 +6,7 @@ assert they agree."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -18,10 +19,11 @@ from nnoculation.online.keys import Keys
 def report_process(
     client: redis.Redis, keys: Keys, member: str, info: dict[str, Any], ttl_s: float
 ) -> None:
-    """Record this process's ``info`` (pid, version, ...) for ``ttl_s`` seconds."""
+    """Record this process's ``info`` (pid, version, ...) for ``ttl_s`` seconds. Each value is
+    kept as JSON, so :func:`live_processes` gives back the numbers and nulls it was given."""
     now = time.time()
     pipe = client.pipeline(transaction=False)
-    pipe.hset(keys.process(member), mapping={k: str(v) for k, v in info.items()})
+    pipe.hset(keys.process(member), mapping={k: json.dumps(v) for k, v in info.items()})
     pipe.pexpire(keys.process(member), int(ttl_s * 1000))
     pipe.zadd(keys.processes, {member: now})
     pipe.zremrangebyscore(keys.processes, "-inf", now - 10 * ttl_s)
@@ -35,7 +37,15 @@ def forget_process(client: redis.Redis, keys: Keys, member: str) -> None:
     pipe.execute()
 
 
-def live_processes(client: redis.Redis, keys: Keys) -> list[dict[str, str]]:
+def _value(raw: bytes | str) -> Any:
+    """A field as reported; a plain string (a process of an older release) as it is."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return text(raw)
+
+
+def live_processes(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
     """The processes whose record has not expired, oldest registration first."""
     members = [text(m) for m in client.zrange(keys.processes, 0, -1)]
     pipe = client.pipeline(transaction=False)
@@ -44,5 +54,5 @@ def live_processes(client: redis.Redis, keys: Keys) -> list[dict[str, str]]:
     out = []
     for member, raw in zip(members, pipe.execute(), strict=True):
         if raw:
-            out.append({"member": member, **{text(k): text(v) for k, v in raw.items()}})
+            out.append({"member": member, **{text(k): _value(v) for k, v in raw.items()}})
     return out

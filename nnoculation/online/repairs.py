@@ -87,9 +87,11 @@ redis.call('HSET', KEYS[1], 'attempt', tostring(tonumber(a) + 1), 'updated', ARG
 return tonumber(a) + 1
 """
 
-JSON_FIELDS = ("losses", "holdout", "seconds", "purify", "report")
+JSON_FIELDS = ("losses", "holdout", "seconds", "purify")
 # Read back as numbers (Redis keeps strings): timestamps and the repair's scalar measures.
 FLOAT_FIELDS = ("created", "updated", "finished", "announced", "trigger_effect", "relapse")
+INT_FIELDS = ("attempt", "epoch", "epochs", "entries", "pending_at_start")
+BOOL_FIELDS = ("activated",)  # written as str(bool)
 
 
 def new_repair_id() -> str:
@@ -169,9 +171,12 @@ class Repairs:
         for key in FLOAT_FIELDS:
             if key in record:
                 record[key] = float(record[key])
-        for key in ("attempt", "epoch", "epochs", "entries", "pending_at_start"):
-            if key in record and record[key] != "":
-                record[key] = int(record[key])
+        for key in INT_FIELDS:  # "" blanks a stage's epoch when the next stage starts
+            if key in record:
+                record[key] = int(record[key]) if record[key] != "" else None
+        for key in BOOL_FIELDS:
+            if key in record:
+                record[key] = record[key] == "True"
         for key in JSON_FIELDS:
             if key in record:
                 record[key] = json.loads(record[key])
