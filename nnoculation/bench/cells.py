@@ -22,7 +22,7 @@ import torch
 
 from models.durable import write_atomic
 from nnoculation.bench.attacker import fs_name
-from nnoculation.benchmarks.common import cpu_model
+from nnoculation.benchmarks.common import cpu_model, is_clean
 from nnoculation.benchmarks.common import provenance as common_provenance
 from nnoculation.runtime import default_device
 
@@ -65,11 +65,6 @@ class Measured:
     floor: list[float]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
-
-
-def is_clean(commit: str) -> bool:
-    """Whether ``commit`` names committed code (not ``-dirty``, not ``unknown``)."""
-    return len(commit) == 40 and all(c in "0123456789abcdef" for c in commit)
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

@@ -332,5 +332,5 @@ def write_outputs(
     probe = {"command": command, "generated": "", "machine": {}, "entries": entries, **extra}
     check_document(probe)  # nothing is written for a file that would break the schema
     plot(cfg, entries, out_dir / f"{cfg.name}.png")
-    write_results(out_dir, cfg.name, entries, md, command, extra)
+    write_results(out_dir, cfg.name, entries, md, command, extra, extra["commit"])
     return out_dir / f"{cfg.name}.json"

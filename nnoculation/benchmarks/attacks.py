@@ -14,7 +14,7 @@ from typing import Any
 
 from nnoculation.attacks import ATTACKS
 from nnoculation.badnets import DEFAULT_CACHE, badnet_is_current, load_splits, make_badnet
-from nnoculation.benchmarks.common import RUNS_DIR, load_entries, pct1, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, commit, load_entries, pct1, write_results
 from nnoculation.recipes import default_recipe
 from nnoculation.reports import markdown_table
 from nnoculation.runtime import configure_threads
@@ -90,8 +90,9 @@ def main() -> None:
     recipe = default_recipe(args.dataset)
     splits = load_splits(recipe)
     out = Path(args.out)
-    # Re-running a subset (--attacks) replaces those entries and keeps the others.
-    entries = {e["attack"]: e for e in load_entries(out / "attacks.json")}
+    code = commit()  # before anything runs: the code this process loaded
+    # Re-running a subset (--attacks) replaces those entries and keeps the others of this code.
+    entries = {e["attack"]: e for e in load_entries(out / "attacks.json", code)}
     for name in args.attacks.split(","):
         run_dir = Path(args.runs) / name
         # A BadNet made with the current spec and recipe (by an earlier run of this or another
@@ -108,7 +109,7 @@ def main() -> None:
         "Clean model: same recipe, unpoisoned data (for `adaptive`, with the same noise copy). "
         "Training seconds are wall time on 2 shared cores; other jobs sometimes ran beside.\n"
     )
-    write_results(out, "attacks", ordered, md, COMMAND, {"recipe": recipe.to_dict()})
+    write_results(out, "attacks", ordered, md, COMMAND, {"recipe": recipe.to_dict()}, code)
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def main() -> None:
         cost = measure(name, args.repeats)
         entries.append({"name": name, **provenance(code, "cpu", date=False), "cost": cost})
         print(entries[-1], flush=True)
-    write_results(Path(args.out), STEM, entries, markdown(entries), COMMAND)
+    write_results(Path(args.out), STEM, entries, markdown(entries), COMMAND, code=code)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,19 @@ def commit() -> str:
         return "unknown"
 
 
-def load_entries(path: Path) -> list[dict[str, Any]]:
-    """Entries of an earlier results file (empty when there is none)."""
-    if not path.exists():
+def is_clean(code: str) -> bool:
+    """Whether ``code`` names committed code (not ``-dirty``, not ``unknown``)."""
+    return len(code) == 40 and all(c in "0123456789abcdef" for c in code)
+
+
+def load_entries(path: Path, code: str) -> list[dict[str, Any]]:
+    """The entries of an earlier results file that the same clean commit ``code`` made (empty
+    when there is none). A run resumes or extends a file only with its own code's entries;
+    entries of other code are measured again, never merged (each file names one commit)."""
+    if not path.exists() or not is_clean(code):
         return []
-    return list(json.loads(path.read_text()).get("entries", []))
+    earlier = list(json.loads(path.read_text()).get("entries", []))
+    return [e for e in earlier if e.get("commit") == code]
 
 
 def write_results(
@@ -82,19 +90,29 @@ def write_results(
     markdown: str,
     command: str,
     extra: dict[str, Any] | None = None,
+    code: str | None = None,
 ) -> None:
-    """``<stem>.json`` (entries + how they were made) and ``<stem>.md`` (table + command)."""
+    """``<stem>.json`` (entries + how they were made) and ``<stem>.md`` (table + command).
+
+    The file names the one code commit that made it (``code``, else the working tree's): an
+    entry without a ``commit`` gets it, and entries naming another commit are refused."""
+    code = code or commit()
+    stamped = [e if "commit" in e else {"commit": code, **e} for e in entries]
+    others = sorted({str(e["commit"]) for e in stamped} - {code})
+    if others:
+        raise ValueError(f"{stem}: entries of other code ({', '.join(others)}) beside {code}")
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
+        "commit": code,
         "machine": machine(),
-        "entries": entries,
+        "entries": stamped,
         **(extra or {}),
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out_dir / f"{stem}.md").write_text(
-        markdown.rstrip() + f"\n\nMade by `{command}` on {doc['machine']['cpu']} "
+        markdown.rstrip() + f"\n\nMade by `{command}` at {code[:12]} on {doc['machine']['cpu']} "
         f"({doc['machine']['threads']} threads, torch {doc['machine']['torch']}), "
         f"{doc['generated']}.\n"
     )

@@ -377,6 +377,7 @@ def main() -> None:
         markdown(figures, about, common),
         COMMAND,
         extra,
+        code,
     )
     print(json.dumps({k: v for k, v in extra.items() if k != "configs"}, indent=1), flush=True)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from models.cyclegan import CYCLEGAN_PROFILES
-from nnoculation.benchmarks.common import load_entries, machine, write_results
+from nnoculation.benchmarks.common import commit, load_entries, machine, write_results
 from nnoculation.repair.cyclegan import train_cyclegan
 from nnoculation.repair.engine import DEFAULT_DOMAIN_A_SIZE
 from nnoculation.reports import markdown_table
@@ -78,11 +78,12 @@ def main() -> None:
     args = parser.parse_args()
     configure_threads()
     device = default_device()
-    # Figures from other devices (a GPU run, say) stay beside this run's.
+    # Figures from other devices (a GPU run of the same code, say) stay beside this run's.
+    code = commit()
     out = Path(args.out)
     kept = {
         (e["profile"], e["shape"], e["device_name"]): e
-        for e in load_entries(out / "cyclegan_speed.json")
+        for e in load_entries(out / "cyclegan_speed.json", code)
     }
     for p in args.profiles.split(","):
         for shape_name in args.shapes.split(","):
@@ -128,7 +129,7 @@ def main() -> None:
             "devices were kept from earlier runs (each entry names its device and torch).",
         ]
     )
-    write_results(out, "cyclegan_speed", entries, md, COMMAND)
+    write_results(out, "cyclegan_speed", entries, md, COMMAND, code=code)
 
 
 if __name__ == "__main__":

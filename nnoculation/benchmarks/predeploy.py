@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from nnoculation.badnets import attack_recipe, current_badnet, load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
+from nnoculation.benchmarks.common import (
+    RUNS_DIR,
+    commit,
+    fmt,
+    load_entries,
+    pct1,
+    write_results,
+)
 from nnoculation.metrics import evaluate
 from nnoculation.pipeline import predeploy_to_dir
 from nnoculation.predeploy import PredeployConfig, train_cell
@@ -177,12 +184,14 @@ def main() -> None:
     parser.add_argument("--runs", default=str(RUNS_DIR / "predeploy"))
     args = parser.parse_args()
     configure_threads()
+    code = commit()  # before anything runs: the code this process loaded
     recipe = default_recipe(args.dataset)
     splits = load_splits(recipe)
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
-    # Re-running a subset replaces those entries and keeps the others.
-    entries = {(e["attack"], e["full_grid"]): e for e in load_entries(out / "predeploy.json")}
+    # Re-running a subset replaces those entries and keeps the others of the same code.
+    earlier = load_entries(out / "predeploy.json", code)
+    entries = {(e["attack"], e["full_grid"]): e for e in earlier}
     for name in filter(None, args.attacks.split(",")):
         entry = run_one(name, recipe, runs, out, False, splits)
         entries[(name, False)] = entry
@@ -192,7 +201,7 @@ def main() -> None:
         entries[(name, True)] = run_one(name, recipe, runs, out, True, splits)
     ordered = sorted(entries.values(), key=lambda e: (e["full_grid"], e["attack"]))
     write_results(
-        out, "predeploy", ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()}
+        out, "predeploy", ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()}, code
     )
 
 

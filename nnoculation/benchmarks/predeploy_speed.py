@@ -671,10 +671,7 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     # A results file holds the entries of one code commit: entries made by other code are
     # dropped, not merged (resuming entry by entry works only while the code stays the same).
-    earlier = load_entries(out / f"{STEM}.json")
-    entries = {e["name"]: e for e in earlier if e.get("commit") == code}
-    for stale in sorted({e["name"] for e in earlier} - set(entries)):
-        print(f"{stale}: dropping the entry made by other code", flush=True)
+    entries = {e["name"]: e for e in load_entries(out / f"{STEM}.json", code)}
     for name, make in makers.items():
         if args.only is not None and name != args.only:
             continue
@@ -683,7 +680,7 @@ def main() -> None:
             continue
         entries[name] = run_entry(name, make(splits, runs), splits, args, code)
         print(json.dumps({k: v for k, v in entries[name].items() if k != "epoch_cas"}), flush=True)
-        _write(out, entries, makers, recipe)
+        _write(out, entries, makers, recipe, code)
     # The overlap case uses the default grid; --quick (a check that the benchmark runs) skips it.
     if args.quick or args.only not in (None, OVERLAP):
         return
@@ -692,12 +689,15 @@ def main() -> None:
         return
     entries[OVERLAP] = run_overlap(recipe, runs, code)
     print(json.dumps(entries[OVERLAP]), flush=True)
-    _write(out, entries, makers, recipe)
+    _write(out, entries, makers, recipe, code)
 
 
-def _write(out: Path, entries: dict[str, Any], makers: dict[str, Any], recipe: Recipe) -> None:
+def _write(
+    out: Path, entries: dict[str, Any], makers: dict[str, Any], recipe: Recipe, code: str
+) -> None:
     ordered = [entries[n] for n in (*makers, OVERLAP) if n in entries]
-    write_results(out, STEM, ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
+    extra = {"recipe": recipe.to_dict()}
+    write_results(out, STEM, ordered, markdown(ordered), COMMAND, extra, code)
 
 
 if __name__ == "__main__":

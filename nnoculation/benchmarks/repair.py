@@ -25,7 +25,14 @@ from models.bundle import Bundle, load_bundle
 from models.cyclegan import PAPER
 from nnoculation.attacks import AttackSpec, Trigger
 from nnoculation.badnets import current_badnet, load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, fmt, load_entries, pct1, write_results
+from nnoculation.benchmarks.common import (
+    RUNS_DIR,
+    commit,
+    fmt,
+    load_entries,
+    pct1,
+    write_results,
+)
 from nnoculation.bundle_io import write_bundle_dir_with
 from nnoculation.data.imageset import ImageSet
 from nnoculation.ensemble import Ensemble
@@ -403,7 +410,7 @@ def markdown(entries: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
-def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str) -> None:
+def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str, code: str) -> None:
     """Table 8: two triggers first, then the third, each followed by a repair."""
     bundle, attack, floor = deployment_for(SEQUENTIAL_ATTACK, recipe, splits, runs)
     names = [t.name for t in attack.triggers]
@@ -489,6 +496,7 @@ def sequential(recipe: Recipe, splits: Any, runs: Path, out: Path, profile: str)
         md,
         COMMAND + " (--sequential)",
         {"floor": floors, "verdict": verdict},
+        code,
     )
 
 
@@ -502,19 +510,22 @@ def main() -> None:
     parser.add_argument("--runs", default=str(RUNS_DIR))
     args = parser.parse_args()
     configure_threads()
+    code = commit()  # before anything runs: the code this process loaded
     recipe = default_recipe(args.dataset)
     splits = load_splits(recipe)
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     if args.sequential:
-        sequential(recipe, splits, runs, out, args.profile)
+        sequential(recipe, splits, runs, out, args.profile, code)
         return
-    entries = {e["attack"]: e for e in load_entries(out / "repair.json")}
+    # Re-running a subset replaces those entries and keeps the others of the same code.
+    entries = {e["attack"]: e for e in load_entries(out / "repair.json", code)}
     for name in args.attacks.split(","):
         entries[name] = run_one(name, recipe, splits, runs, out, args.profile)
         print({k: v for k, v in entries[name].items()}, flush=True)
     ordered = list(entries.values())
-    write_results(out, "repair", ordered, markdown(ordered), COMMAND, {"recipe": recipe.to_dict()})
+    extra = {"recipe": recipe.to_dict()}
+    write_results(out, "repair", ordered, markdown(ordered), COMMAND, extra, code)
 
 
 if __name__ == "__main__":

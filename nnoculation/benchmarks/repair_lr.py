@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nnoculation.badnets import load_splits
-from nnoculation.benchmarks.common import RUNS_DIR, fmt, write_results
+from nnoculation.benchmarks.common import RUNS_DIR, commit, fmt, write_results
 from nnoculation.benchmarks.repair import (
     DEFAULT_PROFILE,
     deployment_for,
@@ -113,11 +113,12 @@ def main() -> None:
     parser.add_argument("--runs", default=str(RUNS_DIR))
     args = parser.parse_args()
     configure_threads()
+    code = commit()  # before anything runs: the code this process loaded
     recipe = default_recipe("fashion-mnist")
     splits = load_splits(recipe)
     rates = [float(r) for r in args.rates.split(",")]
     entries = [run_one(n, rates, recipe, splits, Path(args.runs)) for n in args.attacks.split(",")]
-    write_results(Path(args.out), "repair_lr", entries, markdown(entries), COMMAND)
+    write_results(Path(args.out), "repair_lr", entries, markdown(entries), COMMAND, code=code)
 
 
 if __name__ == "__main__":

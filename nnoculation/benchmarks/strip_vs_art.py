@@ -300,9 +300,8 @@ def main() -> None:
         "overlay_pool_ours": len(splits.retrain),
     }
     extra = {"badnet": badnet_figures, "comparison": comparison, "art_version": art.version}
-    write_results(
-        Path(args.out), STEM, entries, markdown(entries, badnet_figures, comparison), COMMAND, extra
-    )
+    md = markdown(entries, badnet_figures, comparison)
+    write_results(Path(args.out), STEM, entries, md, COMMAND, extra, code)
     print(json.dumps({"entries": entries, **extra}, indent=1), flush=True)
 
 
