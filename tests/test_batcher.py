@@ -91,20 +91,30 @@ def test_batches_form_while_the_model_is_busy() -> None:
 
 def test_the_window_counts_from_the_oldest_arrival() -> None:
     """With requests still arriving, the batch waits, but the first request never waits
-    longer than max_wait_s in all."""
+    longer than max_wait_s in all: time it spent queued behind a running batch counts."""
 
     async def main() -> float:
-        batcher = make(Infer(), max_wait_s=0.2, max_batch_size=100)
+        infer = Infer()
+        infer.gate.clear()  # the first batch runs until the gate opens
+        batcher = make(infer, max_wait_s=0.5, max_batch_size=100)
         batcher.start()
+        blocker = asyncio.create_task(batcher.submit(image(0), 5))
+        await asyncio.sleep(0.05)  # its batch is running, held at the gate
         with batcher.arrival():  # another request is on its way and never comes
             started = time.perf_counter()
-            await batcher.submit(image(1), 5)
+            probe = asyncio.create_task(batcher.submit(image(1), 5))
+            await asyncio.sleep(0.3)  # queued 0.3 s behind the running batch
+            infer.gate.set()
+            await probe
             waited = time.perf_counter() - started
+        await blocker
         await batcher.stop()
         return waited
 
+    # 0.5 s from its arrival; a window counted from when its batch began to form would end
+    # 0.3 + 0.5 = 0.8 s after it.
     waited = run(main())
-    assert 0.15 < waited < 0.5, waited
+    assert 0.45 < waited < 0.7, waited
 
 
 def test_a_full_queue_answers_overloaded() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from nnoculation import badnets
 from nnoculation.attacks import get_attack
 from nnoculation.badnets import make_badnet, reference_model
 from nnoculation.data.sources import DataSource
@@ -56,7 +58,17 @@ def test_tca_controls_are_reported_separately() -> None:
     assert set(ev.controls) == {t.name for t in tca.controls} and len(ev.asr) == 1
 
 
-def test_floor_comes_from_a_cached_clean_model_trained_the_same_way(tmp_path: Path) -> None:
+def test_floor_comes_from_a_cached_clean_model_trained_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: dict[str, list[Any]] = {}  # what each training saw, by its progress label
+    real_train = badnets.train
+
+    def recording_train(net: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        trained.setdefault(kwargs.get("desc", ""), []).append(data)
+        return real_train(net, data, *args, **kwargs)
+
+    monkeypatch.setattr(badnets, "train", recording_train)
     source = DataSource("toy", synthetic_set(700, seed=3), synthetic_set(200, seed=4))
     recipe = Recipe(
         dataset="toy",
@@ -70,6 +82,10 @@ def test_floor_comes_from_a_cached_clean_model_trained_the_same_way(tmp_path: Pa
         "patch", recipe, tmp_path / "bad", tmp_path / "cache", splits=splits, progress=False
     )
     clean, seconds = reference_model(recipe, splits, tmp_path / "cache", progress=False)
+    # The reference saw the attacker's training set unpoisoned, exactly.
+    (seen,) = trained["clean reference"]
+    assert torch.equal(seen.images, splits.attacker.images)
+    assert torch.equal(seen.labels, splits.attacker.labels)
     assert report.clean.ca == pytest.approx(clean_accuracy(clean, splits.test))
     assert report.floor == evaluate(clean, splits.test, report.attack).asr
     again, seconds_again = reference_model(recipe, splits, tmp_path / "cache", progress=False)
@@ -79,6 +95,11 @@ def test_floor_comes_from_a_cached_clean_model_trained_the_same_way(tmp_path: Pa
     adaptive = get_attack("adaptive", NUM_CLASSES, (1, SIDE, SIDE))
     noisy, _ = reference_model(recipe, splits, tmp_path / "cache", adaptive, progress=False)
     assert len(list((tmp_path / "cache").iterdir())) == 2, "noise-trained reference is its own"
+    # ... and the noise-trained attacker's reference its clean set with the same noise copy.
+    noisy_seen = trained["clean reference"][1]
+    expected = adaptive.clean_training_set(splits.attacker, seed=recipe.train.seed)
+    assert torch.equal(noisy_seen.images, expected.images)
+    assert torch.equal(noisy_seen.labels, expected.labels)
     assert any(
         not torch.equal(a, b)
         for a, b in zip(clean.module.parameters(), noisy.module.parameters(), strict=True)

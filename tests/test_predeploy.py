@@ -87,7 +87,11 @@ def test_search_and_full_grid_pick_the_same_cell(tiny_net: Net) -> None:
     assert fast.picked is not None and full.picked is not None
     assert (fast.picked.alpha, fast.picked.gamma) == (full.picked.alpha, full.picked.gamma)
     assert fast.picked.holdout_ca == full.picked.holdout_ca
-    assert fast.cells_trained <= full.cells_trained
+    # The search trained the search order up to its pick, and no further.
+    order = search_order(fast.config.alphas, fast.config.gammas)
+    pick = order.index((fast.picked.alpha, fast.picked.gamma))
+    assert [(c.alpha, c.gamma) for c in fast.cells] == order[: pick + 1]
+    assert fast.cells_trained < full.cells_trained
     assert fast.goodnet is not None and fast.goodnet is not badnet
     assert fast.picked.holdout_ca >= fast.baseline_ca - 0.05
 

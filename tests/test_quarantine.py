@@ -26,10 +26,15 @@ def test_npz_nhwc_and_nchw(tmp_path: Path) -> None:
 
 def test_folder_images_are_converted_and_resized(tmp_path: Path) -> None:
     (tmp_path / "q" / "sub").mkdir(parents=True)
-    Image.new("RGB", (24, 24), (200, 10, 10)).save(tmp_path / "q" / "one.png")
+    ramp = np.arange(24, dtype=np.uint8) * 10  # a colour gradient: a crop or one channel differs
+    rgb = np.stack([np.add.outer(ramp, ramp // 2), np.tile(ramp, (24, 1)), np.full((24, 24), 30)],
+                   axis=-1).astype(np.uint8)  # fmt: skip
+    Image.fromarray(rgb, "RGB").save(tmp_path / "q" / "one.png")
     Image.new("L", (12, 12), 90).save(tmp_path / "q" / "sub" / "two.png")
     q = load_quarantine(tmp_path / "q", SPEC)
     assert q.shape == (2, 1, 12, 12)
+    expected = Image.fromarray(rgb, "RGB").convert("L").resize((12, 12), Image.Resampling.BILINEAR)
+    assert np.array_equal(q[0, 0].numpy(), np.asarray(expected))
     assert int(q[1, 0, 0, 0]) == 90
 
 

@@ -5,6 +5,7 @@ quarantined inputs the BadNet's suspect answers, the backdoor's target), and wit
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,13 @@ def _deployment(tiny_net: Net, tmp_path: Path):  # type: ignore[no-untyped-def]
     return path, load_bundle(path), quarantine
 
 
+class _Answers:
+    """A stand-in for a repaired net: only its answers matter to the relapse."""
+
+    def __init__(self, answer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.predict = answer
+
+
 def _same_weights(a: Net, b: Net) -> bool:
     sa, sb = a.module.state_dict(), b.module.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -55,6 +63,15 @@ def test_relapse_is_the_share_of_disagreements_where_the_goodnet_takes_the_badne
     assert relapse(badnet, goodnet, badnet, images) == 1.0
     assert relapse(badnet, goodnet, goodnet, images) == 0.0  # unchanged: nothing relapsed
     assert relapse(badnet, goodnet, goodnet, images[~disagreed]) is None  # nothing to judge
+    # Only the BadNet's own label counts: a repaired net that moved to a third class did not
+    # relapse; one that took the BadNet's label on half of the disagreements relapsed 50 %.
+    third = _Answers(lambda x: (badnet.predict(x) + 1) % NUM_CLASSES)
+    assert relapse(badnet, goodnet, third, images) == 0.0  # type: ignore[arg-type]
+    judged = images[disagreed]
+    half = len(judged) // 2
+    halfway = _Answers(lambda x: torch.cat([badnet.predict(x[:half]), goodnet.predict(x[half:])]))
+    expected = half / len(judged)
+    assert relapse(badnet, goodnet, halfway, judged) == pytest.approx(expected)  # type: ignore[arg-type]
 
 
 def test_suspect_inputs_do_not_depend_on_purification_being_on(
