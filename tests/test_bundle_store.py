@@ -233,6 +233,17 @@ def test_activate_load_and_rollback(tmp_path: Path) -> None:
         store.rollback(DEPLOYMENT)
 
 
+def test_rollback_goes_to_the_parent_not_the_previous_number(tmp_path: Path) -> None:
+    """Two repairs of v0001 (v0002, then v0003): rolling back v0003 serves its parent v0001,
+    not v0002, which v0003 never came from."""
+    store = ModelStore(tmp_path)
+    publish(store, activate=True)
+    publish(store, "v0001")
+    publish(store, "v0001", activate=True)
+    assert store.active(DEPLOYMENT) == "v0003"
+    assert store.rollback(DEPLOYMENT) == "v0001"
+
+
 def test_activate_refuses_a_tampered_version(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     publish(store, activate=True)

@@ -136,6 +136,13 @@ def test_a_trigger_model_that_does_not_fire_the_badnet_turns_distillation_off(
     assert outcomes["fires"].distilled
     report = outcomes["blind"].report()
     assert report["distilled"] is False and report["trigger_effect"] < 0.25
+    # Distillation teaches the GoodNet only: the same repair without it gives the same
+    # repaired BadNet and another repaired GoodNet.
+    plain = repair(bundle, quarantine, RepairConfig(theta=0.99, distill_weight=0.0),
+                   progress=False, poison=fires)  # fmt: skip
+    assert not plain.distilled
+    assert _same_weights(plain.badnet, outcomes["fires"].badnet)
+    assert not _same_weights(plain.goodnet, outcomes["fires"].goodnet)
 
 
 def test_scores_are_eval_mode_logits_and_restore_the_mode(tiny_net: Net) -> None:
@@ -146,3 +153,8 @@ def test_scores_are_eval_mode_logits_and_restore_the_mode(tiny_net: Net) -> None
     assert scores.shape == (10, NUM_CLASSES) and not scores.requires_grad
     assert torch.equal(scores.argmax(1), tiny_net.predict(images))
     assert tiny_net.scores(images[:0]).shape == (0, NUM_CLASSES)
+
+
+def _same_weights(a: Net, b: Net) -> bool:
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

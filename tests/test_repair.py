@@ -79,6 +79,11 @@ def test_repair_unlearns_a_fixed_patch_and_publishes_a_child_version(
     child = load_bundle(tmp_path / "v2")
     assert "delta" in child.tensors(TRIGGER_MODEL_GROUP)
     assert child.manifest.provenance["repairs"][0]["parent"] == "v0001"
+    # The child holds the repaired nets, each in its own role.
+    x = test.images[:16]
+    for role in ("badnet", "goodnet"):
+        assert torch.equal(child.net(role).scores(x), getattr(outcome, role).scores(x)), role
+    assert not torch.equal(outcome.badnet.scores(x), outcome.goodnet.scores(x))
     assert (tmp_path / "v2" / "repair_samples.png").read_bytes()[:4] == b"\x89PNG"
     stored = load_poison(
         child.manifest.provenance["repairs"][0]["trigger_model"],

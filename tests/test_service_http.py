@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.online import (
     ADMIN_TOKEN,
@@ -154,14 +155,21 @@ def test_good_uploads_all_ways(server: ApiServer) -> None:
 
 
 def test_batch_answers_each_item_on_its_own(server: ApiServer) -> None:
-    files = [("files", (f"{i}.png", data)) for i, data in enumerate(clean_pngs(3, seed=2))]
+    """Each item gets its own answer (the one /predict gives that image), a bad item its own
+    error, in upload order."""
+    pngs = clean_pngs(12, seed=2)
+    files = [("files", (f"{i}.png", data)) for i, data in enumerate(pngs)]
     files.insert(1, ("files", ("bad.txt", b"not an image")))
     with server.client() as client:
         response = client.post("/predict/batch", files=files)
+        alone = [client.post("/predict", content=p, headers=PNG).json()["label"] for p in pngs]
     assert response.status_code == 200
     results = response.json()["results"]
-    assert [r["status"] for r in results] == [200, 415, 200, 200]
+    assert [r["status"] for r in results] == [200, 415] + [200] * 11
     assert results[1]["error"] and results[1]["filename"] == "bad.txt"
+    good = [r for r in results if r["status"] == 200]
+    assert [r["prediction"]["label"] for r in good] == alone
+    assert len(set(alone)) > 1, "the images should not all get one label"
 
 
 def test_only_admins_learn_what_was_quarantined(server: ApiServer, tiny_deployment: Any) -> None:
@@ -201,14 +209,38 @@ def test_every_admin_route_needs_the_token(server: ApiServer) -> None:
             assert response.headers.get("www-authenticate") == "Bearer"
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels`` (over processes) in a /metrics page."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def test_metrics_count_what_happened(server: ApiServer) -> None:
+    """One good and one empty upload move each counter by exactly one."""
+    rejected = {"outcome": "rejected", "version": "v0001"}
+    answered = {"outcome": "agree", "version": "v0001"}
+    status_422 = {"method": "POST", "route": "/predict", "status": "422"}
     with server.client() as client:
-        client.post("/predict", content=GOOD, headers=PNG)
-        client.post("/predict", content=b"", headers=PNG)
+        before = client.get("/metrics").text
+        assert client.post("/predict", content=GOOD, headers=PNG).status_code == 200
+        assert client.post("/predict", content=b"", headers=PNG).status_code == 422
         text = client.get("/metrics").text
-    assert 'nnoc_predictions_total{outcome="rejected",version="v0001"}' in text
-    assert 'nnoc_http_requests_total{method="POST",route="/predict",status="422"}' in text
-    assert 'nnoc_inference_duration_seconds_bucket{le="0.0001"}' in text
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(text, name, **labels) - metric(before, name, **labels)
+
+    assert moved("nnoc_predictions_total", **rejected) == 1
+    assert moved("nnoc_http_requests_total", **status_422) == 1
+    assert moved("nnoc_inference_duration_seconds_count") == 1  # one batch of one input
+    assert (
+        moved("nnoc_predictions_total", **answered)
+        + moved("nnoc_predictions_total", outcome="quarantined", version="v0001")
+        == 1
+    )
     # Per process (multiprocess mode adds the pid).
     assert re.search(r'nnoc_active_version_info\{pid="\d+",version="v0001"\} 1\.0', text)
 

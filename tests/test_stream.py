@@ -51,9 +51,17 @@ def test_quarantine_fills_to_n_with_poisoned_inputs(tiny_net: Net, tmp_path: Pat
     bundle = load_bundle(path)
     ensemble = Ensemble(bundle.net("badnet"), bundle.net("goodnet"))
     cfg = StreamConfig(poison_ratio=0.5, quarantine_size=40, batch_size=16, seed=3)
-    result = simulate_stream(ensemble, synthetic_set(800, seed=6), attack, cfg)
+    pool = synthetic_set(800, seed=6)
+    result = simulate_stream(ensemble, pool, attack, cfg)
     assert result.images.shape == (40, 1, 12, 12)
-    assert result.caught_n_after is not None and result.caught_n_after <= result.inputs_seen
+    # Worked out independently: the stream, the nets' disagreements batch by batch, and the
+    # position of the 40th disagreement (the input that fills the quarantine).
+    images, poisoned = make_stream(pool, attack, cfg)
+    split = torch.cat([ensemble.classify(images[i : i + 16]).disagree for i in range(0, 800, 16)])
+    fortieth = int(torch.nonzero(split).flatten()[39])
+    assert result.caught_n_after == result.inputs_seen == fortieth + 1
+    assert result.poisoned_seen == int(poisoned[: fortieth + 1].sum())
+    assert torch.equal(result.images, images[torch.nonzero(split).flatten()[:40]])
     assert result.precision > 0.7, result.summary()
     assert result.recall > 0.5, result.summary()
     # every quarantined input is one the two nets, run on their own, disagree on
