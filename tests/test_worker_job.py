@@ -82,6 +82,7 @@ def test_a_passing_repair_is_published_activated_announced_and_archived(
     # The relapse (the BadNet's suspect label stands out in this quarantine) reaches the
     # repair record and the published version's provenance, as the same figure.
     assert isinstance(record["relapse"], float) and 0 <= record["relapse"] <= 1
+    assert isinstance(record["elapsed_s"], float) and record["elapsed_s"] > 0  # at its last stage
     repaired = store.manifest(DEPLOYMENT, "v0002").provenance["repairs"][-1]
     assert repaired["relapse"] == record["relapse"]
     assert {i.sha256 for i in ctx.quarantine.archived(rid)} == set(shas)

@@ -173,8 +173,9 @@ def _progress(ctx: Context, repair_id: str) -> Any:
     def on_progress(p: RepairProgress) -> None:
         fields = {"stage": p.stage, "epoch": p.epoch, "epochs": p.epochs, "losses": p.losses}
         # A stage's start has no epoch: blank the previous stage's ("" is kept, None skipped).
-        ctx.repairs.update(repair_id, **{k: "" if v is None else v for k, v in fields.items()})
-        if job is not None:
+        blanked = {k: "" if v is None else v for k, v in fields.items()}
+        ctx.repairs.update(repair_id, **blanked, elapsed_s=round(p.elapsed_s, 1))
+        if job is not None:  # the same for RQ's own tools (rq info, dashboards)
             job.meta.update({k: v for k, v in fields.items() if v is not None})
             job.meta["elapsed_s"] = p.elapsed_s
             job.save_meta()

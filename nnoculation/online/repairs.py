@@ -88,8 +88,11 @@ return tonumber(a) + 1
 """
 
 JSON_FIELDS = ("losses", "holdout", "seconds", "purify")
-# Read back as numbers (Redis keeps strings): timestamps and the repair's scalar measures.
-FLOAT_FIELDS = ("created", "updated", "finished", "announced", "trigger_effect", "relapse")
+# Read back as numbers (Redis keeps strings): timestamps, the repair's scalar measures and
+# ``elapsed_s`` (seconds into the attempt at its last progress report).
+FLOAT_FIELDS = (
+    "created", "updated", "finished", "announced", "trigger_effect", "relapse", "elapsed_s",
+)  # fmt: skip
 INT_FIELDS = ("attempt", "epoch", "epochs", "entries", "pending_at_start")
 BOOL_FIELDS = ("activated",)  # written as str(bool)
 
