@@ -253,8 +253,16 @@ def test_adaptive_attacker_appends_a_noisy_copy() -> None:
     attack = get_attack("adaptive", NUM_CLASSES, SHAPES[0])
     poisoned = attack.poison_training_set(data, seed=0)
     head, tail = poisoned.images[: len(data)], poisoned.images[len(data) :]
-    assert len(ADAPTIVE_GAMMAS) > 1
     assert (head != tail).flatten(1).any(1).float().mean() > 0.9
+    # One gamma per image, drawn from the whole grid: on flat images the share of noised
+    # pixels spreads from the smallest gamma to the largest, around the grid's mean.
+    n = 600
+    images = torch.full((n, *SHAPES[0]), 7, dtype=torch.uint8)
+    flat = ImageSet(images, torch.arange(n) % NUM_CLASSES, DATA[SHAPES[0]].class_names)
+    share = (attack.clean_training_set(flat, seed=0).images[n:] != 7).flatten(1).float().mean(1)
+    low, high = torch.quantile(share, torch.tensor([0.1, 0.9])).tolist()
+    assert low < 0.2 and high > 0.5, (low, high)
+    assert abs(float(share.mean()) - sum(ADAPTIVE_GAMMAS) / len(ADAPTIVE_GAMMAS)) < 0.05
 
 
 def test_invalid_specs_are_refused() -> None:

@@ -90,7 +90,9 @@ def test_pooled_search_keeps_the_in_process_answer_and_stops_its_workers(tiny_ne
     search = run_predeploy(badnet, retrain, holdout, PredeployConfig(**GRID, workers=2))
     first = next(k for k, c in enumerate(alone.cells) if c is alone.picked)
     assert search.cells_trained == first + 1 < len(alone.cells)
-    assert search.picked is not None and search.picked.alpha == alone.picked.alpha
+    assert search.picked is not None and search.goodnet is not None
+    assert _keys([search.picked]) == _keys([alone.picked])  # the cell, not only its alpha
+    assert _max_diff(search.goodnet, alone.goodnet) < WEIGHT_TOL  # and that cell's net
     _no_pool_left(pool_dirs)
 
 

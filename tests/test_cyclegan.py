@@ -123,8 +123,16 @@ def test_training_and_translate() -> None:
     assert result.resumed_from_epoch is None
     assert all(math.isfinite(r[k]) for r in result.losses for k in LOSS_NAMES)
     assert not result.generator.training
+    result.generator.train(True)  # translate runs in eval mode and gives the mode back
     treated = translate(result.generator, a, batch_size=5)
+    assert result.generator.training
     assert treated.dtype == torch.uint8 and treated.shape == a.shape
+    # G's output mapped from [-1, 1] back to pixels, worked out here.
+    result.generator.eval()
+    with torch.no_grad():
+        outputs = [result.generator(a[i : i + 5].float() / 127.5 - 1) for i in range(0, len(a), 5)]
+    expected = ((torch.cat(outputs) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    assert torch.equal(treated, expected) and not torch.equal(treated, a)
 
 
 def test_identity_weight_zero_records_zero() -> None:

@@ -62,18 +62,25 @@ def test_digits_are_scaled_to_uint8() -> None:
 def test_npz_nhwc_and_test_part(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     path = tmp_path / "set.npz"
+    images = rng.integers(0, 256, (20, 8, 6, 3), dtype=np.uint8)
+    test_images = rng.integers(0, 256, (4, 8, 6, 3), dtype=np.uint8)
     np.savez(
         path,
-        images=rng.integers(0, 256, (20, 8, 6, 3), dtype=np.uint8),
+        images=images,
         labels=np.arange(20) % 2,
         class_names=np.array(["cat", "dog"]),
-        test_images=rng.integers(0, 256, (4, 8, 6, 3), dtype=np.uint8),
-        test_labels=np.array([0, 1, 0, 1]),
+        test_images=test_images,
+        test_labels=np.array([0, 1, 1, 0]),
     )
     src = load_dataset(str(path))
     assert src.train.images.shape == (20, 3, 8, 6)
+    # Pixel (y, x) of channel c moves from [n, y, x, c] to [n, c, y, x], not just the shape.
+    assert torch.equal(src.train.images, torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(src.train.labels, torch.arange(20) % 2)
     assert src.train.class_names == ("cat", "dog")
     assert src.test is not None and src.test.images.shape == (4, 3, 8, 6)
+    assert torch.equal(src.test.images, torch.from_numpy(test_images).permute(0, 3, 1, 2))
+    assert src.test.labels.tolist() == [0, 1, 1, 0]
 
 
 def test_npz_rejects_float_images(tmp_path: Path) -> None:
@@ -129,6 +136,16 @@ def test_split_without_test_part_carves_one() -> None:
     )
     assert len(sp.stream) + len(sp.test) == round(1797 * 0.2)
     assert len(sp.validation) == 200
+    # The carved part never overlaps the rest (unique images: overlaps show by content).
+    n = 1000
+    images = torch.randint(0, 256, (n, 1, 6, 6), generator=torch.Generator().manual_seed(5),
+                           dtype=torch.uint8)  # fmt: skip
+    train = ImageSet(images, torch.arange(n) % 4, ("a", "b", "c", "d"))
+    cfg = SplitConfig(validation_per_class=50, holdout_per_class=10, test_fraction=0.2, seed=3)
+    sp = make_splits(DataSource("toy", train, None), cfg)
+    parts = [_ids(getattr(sp, p)) for p in ("attacker", "retrain", "holdout", "stream", "test")]
+    assert len(sp.stream) + len(sp.test) == 200
+    assert sum(len(p) for p in parts) == len(set().union(*parts)) == n
 
 
 def test_asking_for_more_validation_than_a_class_has_fails_clearly() -> None:

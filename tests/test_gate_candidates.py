@@ -115,6 +115,16 @@ def test_a_candidate_is_never_activated_and_an_override_serves_a_recorded_copy(
     assert store.active(NAME) == "v0003"
 
 
+def test_an_override_copy_rolls_back_to_its_candidates_parent(store: BundleStore) -> None:
+    """v0002 is an unrelated version; v0003 a rejected repair of v0001; v0004 its override
+    copy. Rolling back v0004 walks past the candidate to v0001, not to v0002."""
+    store.publish(NAME, writer(), activate=True)
+    store.publish(NAME, writer(seed=4))
+    store.publish(NAME, writer("v0001", GATE, seed=2), "v0001")
+    assert store.activate_override(NAME, "v0003", reason="checked by hand", by="cli") == "v0004"
+    assert store.rollback(NAME) == "v0001"
+
+
 def test_rollback_skips_candidates_and_publishing_never_activates_one(store: BundleStore) -> None:
     store.publish(NAME, writer(), activate=True)
     store.publish(NAME, writer("v0001", GATE, seed=2), "v0001")

@@ -243,6 +243,9 @@ def test_active_pointer_token_and_rollback(bucket: str, tmp_path: Path) -> None:
     assert poller.active(NAME) == "v0001"
     assert store.rollback(NAME, "v0003") == "v0003"
     assert store.rollback(NAME) == "v0002"  # no parent: the one before
+    # A second child of v0001: its rollback serves v0001, not v0003 (the number before it).
+    assert store.publish(NAME, writer(b"# four\n", "v0001"), "v0001", activate=True) == "v0004"
+    assert store.rollback(NAME) == "v0001"
     with pytest.raises(UnknownDeploymentError):
         store.active_token("other")
 
