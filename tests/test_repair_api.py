@@ -13,6 +13,7 @@ import torch
 from models.bundle import load_bundle
 from models.nets import Net
 from models.store import ModelStore, RepairLockedError
+from nnoculation.repair import engine
 from nnoculation.repair.cyclegan import CHECKPOINT_FILE
 from nnoculation.repair.engine import (
     STAGES,
@@ -90,6 +91,29 @@ def test_from_dict_inverts_to_dict() -> None:
 def deployment(tiny_net: Net, tmp_path: Path) -> tuple[Path, torch.Tensor]:
     path, attack, _ = make_deployment(tiny_net, tmp_path)
     return path, triggered(attack, synthetic_set(40, seed=21).images)
+
+
+def test_the_device_argument_is_the_one_used(
+    deployment: tuple[Path, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``device=`` decides where the repair trains; the machine's default is not consulted."""
+    path, quarantine = deployment
+    trained_on: list[str] = []
+    real_train = engine.train
+
+    def recording_train(net: Net, *args: Any, **kwargs: Any) -> Any:
+        trained_on.append(str(next(net.module.parameters()).device))
+        return real_train(net, *args, **kwargs)
+
+    def no_default() -> torch.device:
+        raise AssertionError("the repair asked for the default device although one was given")
+
+    monkeypatch.setattr(engine, "train", recording_train)
+    monkeypatch.setattr(engine, "default_device", no_default)
+    cfg = RepairConfig(profile=MEAN_DIFF, finetune_epochs=1, theta=0.99)
+    outcome = repair(load_bundle(path), quarantine, cfg, progress=False, device="cpu")
+    assert trained_on == ["cpu", "cpu"]  # the BadNet's fine-tune, then the GoodNet's
+    assert outcome.goodnet is not None
 
 
 def test_progress_reports_every_stage_and_epoch(deployment: tuple[Path, torch.Tensor]) -> None:
