@@ -1,5 +1,6 @@
-"""The swap lets the old pair go: once no batch holds it, a swapped-out version is collected
-(the memory check of twenty swaps under load in test_online_faults.py is too coarse for a tiny
+"""The swap lets the old pair go: once no batch holds it, a swapped-out version is collected,
+even one caught in a reference cycle after an earlier swap froze the collector's objects (the
+memory check of twenty swaps under load in test_online_faults.py is too coarse for a tiny
 model: a leaked pair is ~100 KB against hundreds of MB of torch per process)."""
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def test_a_swapped_out_version_is_collected(tmp_path: Path, tiny_deployment: Any
         assert await swapper.sync()
         assert slot.current is not None
         old, old_net = weakref.ref(slot.current), weakref.ref(slot.current.goodnet.module)
+        # A reference cycle (hooks, closures), so only the collector can free the pair, and
+        # after the first swap's settle_garbage it sits among the frozen objects.
+        slot.current.goodnet.module.cycle = slot.current  # type: ignore[assignment]
         publish(store_root, source)  # v0002, active
         assert await swapper.sync() and slot.version == "v0002"
         return swapper, old, old_net
