@@ -689,7 +689,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from nnoculation.bench import ConfigError, run_from_file  # evaluation only: load on use
 
     try:
-        run_from_file(args.config, Path(args.out), Path(args.runs), args.only_cells)
+        cells = Path(args.cells) if args.cells else None
+        run_from_file(args.config, Path(args.out), Path(args.runs), args.only_cells, cells)
     except ConfigError as err:
         raise UsageError(str(err)) from None
     return 0
@@ -961,6 +962,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-cells", nargs="+", metavar="ATTACK/DEFENSE/SEED", help="globs")
     p.add_argument("--out", default="docs/results", help="where the results are written")
     p.add_argument("--runs", default="runs/bench", help="cells and intermediate models")
+    p.add_argument(
+        "--cells",
+        help="finished cells here instead of RUNS/NAME/cells: a folder that travels, to resume "
+        "a matrix on another machine at the same commit (docs/bench.md)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("list", help="list registered attacks, architectures or data sets")

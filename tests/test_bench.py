@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.bundle import load_bundle
+from models.bundle import load_bundle, sha256_file
 from nnoculation.bench import ConfigError, load_config, parse_config, run_bench
 from nnoculation.bench.aggregate import (
     MixedCommitsError,
@@ -154,9 +154,10 @@ def test_a_cell_settings_hash_changes_only_with_what_decides_that_cell() -> None
 class FakeChain:
     """Figures made up from the key, counting calls: what the runner does around them."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, models: str = "m1") -> None:
         self.calls: list[str] = []
         self.fail_at = fail_at
+        self.models = models  # stands for the digest of the BadNet this chain made
 
     def __call__(self, key: CellKey) -> Measured:
         if self.fail_at is not None and len(self.calls) == self.fail_at:
@@ -164,7 +165,14 @@ class FakeChain:
         self.calls.append(key.id)
         triggers = 3 if key.attack == "mtmta" else 1
         asr = 90.0 if key.defense == "badnet" else 1.0 + key.seed
-        return Measured(["t"] * triggers, 80.0 - key.seed, [asr] * triggers, [0.5] * triggers, 1)
+        return Measured(
+            ["t"] * triggers,
+            80.0 - key.seed,
+            [asr] * triggers,
+            [0.5] * triggers,
+            1,
+            artifacts={"badnet": f"{self.models}-{key.attack}-{key.seed}"},
+        )
 
 
 def bench(tmp_path: Path, cfg: Any, measure: FakeChain, commit: str = COMMIT_A, **kw: Any) -> Any:
@@ -175,8 +183,7 @@ def bench(tmp_path: Path, cfg: Any, measure: FakeChain, commit: str = COMMIT_A, 
         runs_dir=tmp_path / "runs",
         commit=commit,
         measure=measure,
-        echo=lambda _line: None,
-        **kw,
+        **{"echo": lambda _line: None, **kw},
     )
 
 
@@ -239,6 +246,54 @@ def test_only_cells_measures_a_subset_and_writes_no_results_until_the_plan_is_wh
     assert bench(tmp_path, config(), rest).results is not None and len(rest.calls) == 9
     with pytest.raises(ConfigError, match="selects no cell"):
         bench(tmp_path, config(), FakeChain(), only=["nope/*"])
+
+
+def test_cells_travel_in_their_own_folder_to_another_machine(tmp_path: Path) -> None:
+    carried = tmp_path / "carried"
+    first = bench(tmp_path, config(), FakeChain(), only=["patch/*"], cells_dir=carried)
+    assert len(list(carried.glob("*.json"))) == 6 and first.results is None
+    assert not (tmp_path / "runs" / "t" / "cells").exists()
+    other = tmp_path / "other-machine"
+    rest = FakeChain()
+    run = run_bench(
+        config(),
+        command=f"{COMMAND} t.toml",
+        out_dir=other / "out",
+        runs_dir=other / "runs",
+        commit=COMMIT_A,
+        measure=rest,
+        echo=lambda _line: None,
+        cells_dir=carried,
+    )
+    assert sorted(rest.calls) == sorted(c.id for c in config().cells() if c.attack == "mtmta")
+    assert len(run.reused) == 6 and run.results is not None
+
+
+def test_a_resumed_cell_measured_on_other_models_is_measured_again(tmp_path: Path) -> None:
+    bench(tmp_path, config(), FakeChain(models="m1"), only=["patch/badnet/0", "patch/*/1"])
+    # another sitting re-made the BadNets differently: its patch/*/0 cells disagree with the
+    # resumed patch/badnet/0, which is measured again; seed 1's group is whole and kept
+    lines: list[str] = []
+    later = FakeChain(models="m2")
+    run = bench(tmp_path, config(), later, echo=lines.append)
+    assert run.stale == [CellKey("patch", "badnet", 0)]
+    assert later.calls.count("patch/badnet/0") == 1 and "patch/badnet/1" not in later.calls
+    assert any("measuring them again" in line for line in lines)
+    doc = json.loads(run.results.read_text())  # type: ignore[union-attr]
+    assert doc["entries"][0]["defenses"]["badnet"]["per_seed"][0]["seed"] == 0
+    cell = read_cell(tmp_path / "runs" / "t" / "cells" / CellKey("patch", "badnet", 0).filename)
+    assert cell["artifacts"] == {"badnet": "m2-patch-0"}  # type: ignore[index]
+
+
+def test_a_stale_cell_outside_the_selection_is_dropped_not_kept(tmp_path: Path) -> None:
+    bench(tmp_path, config(), FakeChain(models="m1"), only=["patch/badnet/0"])
+    later = FakeChain(models="m2")
+    run = bench(tmp_path, config(), later, only=["patch/nnoculation-pre/0"])
+    assert later.calls == ["patch/nnoculation-pre/0"] and run.stale == [
+        CellKey("patch", "badnet", 0)
+    ]
+    assert CellKey("patch", "badnet", 0) in run.missing and run.results is None
+    assert not (tmp_path / "runs" / "t" / "cells" / CellKey("patch", "badnet", 0).filename).exists()
 
 
 def test_write_json_atomic_replaces_whole_files(tmp_path: Path) -> None:
@@ -325,6 +380,16 @@ def test_cells_of_one_seed_must_agree_on_the_floor() -> None:
 
 
 # --- one commit per results file ------------------------------------------------------------
+
+
+def test_cells_of_one_seed_must_name_the_same_models() -> None:
+    cells = [cell("pre", 0, 90.0, [1.0], [0.5]), cell("post", 0, 90.0, [1.0], [0.5])]
+    cells[0]["artifacts"] = {"badnet": "d1", "goodnet": "g1"}
+    cells[1]["artifacts"] = {"badnet": "d1", "goodnet": "g2"}
+    with pytest.raises(ValueError, match=r"different models \(goodnet\)"):
+        attack_entry("x", cells, ["pre", "post"], [0])
+    cells[1]["artifacts"]["goodnet"] = "g1"
+    assert attack_entry("x", cells, ["pre", "post"], [0])["attack"] == "x"
 
 
 def test_cells_of_two_commits_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -457,7 +522,16 @@ domain_a_size = 40
         for s in (0, 1)
     ]
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    # a re-run reuses every cell (and model)
+    # every cell names the models it was measured on: its seed's BadNet file, and the GoodNet
+    # for the two NNoculation stages
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "runs/tiny/cells").iterdir()}
+    for s in (0, 1):
+        expected = sha256_file(work / f"badnet-s{s}" / "badnet" / "badnet.safetensors")
+        mine = [c for c in cells.values() if c["seed"] == s]
+        assert len(mine) == 4 and {c["artifacts"]["badnet"] for c in mine} == {expected}
+        goodnets = {c["artifacts"].get("goodnet") for c in mine if c["defense"].startswith("nn")}
+        assert len(goodnets) == 1 and None not in goodnets
+    # a re-run reuses every cell
     again = run_bench(
         cfg,
         command=f"{COMMAND} {path.name}",

@@ -113,6 +113,16 @@ def attack_entry(
         if len(seen) != 1:
             raise ValueError(f"{attack}, seed {s}: cells disagree on the floor ({sorted(seen)})")
         floors[s] = list(seen.pop())
+        digests: dict[str, set[str]] = {}
+        for d in defenses:
+            for name, digest in by_key[(d, s)].get("artifacts", {}).items():
+                digests.setdefault(name, set()).add(digest)
+        split = sorted(name for name, seen_digests in digests.items() if len(seen_digests) > 1)
+        if split:
+            raise ValueError(
+                f"{attack}, seed {s}: cells were measured on different models "
+                f"({', '.join(split)}); resume the matrix so that they are measured again"
+            )
     median_floor = figure(
         [round(statistics.median(f), 2) for f in zip(*floors.values(), strict=True)]
     )

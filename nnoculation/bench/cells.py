@@ -7,6 +7,13 @@ tracked code; see :func:`nnoculation.benchmarks.common.commit`), the cell names 
 commit and its settings hash matches. Anything else is measured again, so a results file
 never mixes code: "cells may resume across runs only when the same code made them"
 (issue 10, item 1).
+
+Cells of one seed share models: the BadNet (every defense), the GoodNet (pre-deployment and
+the repair). A cell names the sha256 of each model it was measured on (``artifacts``). A run
+that resumes cells made elsewhere (another sitting, another machine: ``nnoculation bench
+--cells``) re-makes those models; where its own cells name other digests than a resumed cell
+of the same group, that cell is measured again (:func:`stale`), so the cells of one seed
+always describe one BadNet and one GoodNet.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class Measured:
     floor: list[float]
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # model name -> sha256
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -93,8 +101,35 @@ def cell_record(key: CellKey, measured: Measured, commit: str, settings: str) ->
         "floor": [round(f, 2) for f in measured.floor],
         "seconds": round(measured.seconds, 1),
         "details": json.loads(json.dumps(measured.details, default=str)),
+        "artifacts": dict(sorted(measured.artifacts.items())),
         "provenance": provenance(commit, settings),
     }
+
+
+def group(key: CellKey) -> tuple[str | None, str, int]:
+    """The cells that share models: one variant, attack and seed."""
+    return (key.variant, key.attack, key.seed)
+
+
+def conflicts(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The models that two cell records both name with different digests."""
+    mine, theirs = a.get("artifacts", {}), b.get("artifacts", {})
+    return sorted(name for name in mine.keys() & theirs.keys() if mine[name] != theirs[name])
+
+
+def stale(done: dict[CellKey, dict[str, Any]], fresh: list[CellKey]) -> list[CellKey]:
+    """Cells of ``done`` not in ``fresh`` that name another digest of a shared model than a
+    ``fresh`` cell of their group: they were measured on models this run no longer has."""
+    fresh_set = set(fresh)
+    by_group: dict[tuple[str | None, str, int], list[CellKey]] = {}
+    for k in fresh:
+        by_group.setdefault(group(k), []).append(k)
+    return [
+        k
+        for k in done
+        if k not in fresh_set
+        and any(conflicts(done[k], done[f]) for f in by_group.get(group(k), []))
+    ]
 
 
 def reusable(record: dict[str, Any] | None, commit: str, settings: str) -> bool:

@@ -68,6 +68,11 @@ class Deployment:
     report: dict[str, Any]
 
 
+def weights_digest(bundle: Bundle, role: str) -> str:
+    """The sha256 of a bundle's net file for ``role``, as its manifest lists it."""
+    return bundle.manifest.files[bundle.manifest.nets[role].file]
+
+
 class Chain:
     """Measures cells of one config; see the module doc."""
 
@@ -78,24 +83,33 @@ class Chain:
         self._splits: dict[SplitConfig, Splits] = {}
 
     def measure(self, key: CellKey) -> Measured:
+        """One cell, naming the digests of the shared models it was measured on."""
         cfg = self.cfg.variant_config(key.variant)
         seeds = cfg.seeds_of(key.seed)
         splits = self.splits(cfg)
         bad = self.badnet(cfg, key.attack, seeds.badnet)
         badnet = bad.bundle.net(BADNET_ROLE)
+        artifacts = {"badnet": weights_digest(bad.bundle, BADNET_ROLE)}
         if key.defense == BADNET:
-            return self._measured(badnet, bad, splits.test, 0.0)
-        defender = defender_splits(splits, cfg.validation_share)
-        if key.defense in (PRE, POST):
+            measured = self._measured(badnet, bad, splits.test, 0.0)
+        elif key.defense in (PRE, POST):
+            defender = defender_splits(splits, cfg.validation_share)
             dep = self.deployment(cfg, key.attack, key.seed, bad, defender)
+            if dep.bundle is not None:
+                artifacts["goodnet"] = weights_digest(dep.bundle, "goodnet")
             if key.defense == PRE:
-                return self._pre(dep, bad, splits.test)
-            return self._post(cfg, dep, bad, splits, seeds.chain)
-        inputs = DefenseInputs(badnet, defender.retrain, defender.holdout, seed=seeds.chain)
-        defended = cfg.defense(key.defense).run(inputs)
-        return self._measured(
-            defended.predictor, bad, splits.test, defended.offline_seconds, defended.details
-        )
+                measured = self._pre(dep, bad, splits.test)
+            else:
+                measured = self._post(cfg, dep, bad, splits, seeds.chain)
+        else:
+            defender = defender_splits(splits, cfg.validation_share)
+            inputs = DefenseInputs(badnet, defender.retrain, defender.holdout, seed=seeds.chain)
+            defended = cfg.defense(key.defense).run(inputs)
+            measured = self._measured(
+                defended.predictor, bad, splits.test, defended.offline_seconds, defended.details
+            )
+        measured.artifacts = artifacts
+        return measured
 
     def splits(self, cfg: BenchConfig) -> Splits:
         """The split of ``cfg``'s recipe (it does not depend on the seed), made once per run."""

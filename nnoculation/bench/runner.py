@@ -21,6 +21,7 @@ from nnoculation.bench.cells import (
     reusable,
     selected,
     settings_hash,
+    stale,
     write_json_atomic,
 )
 from nnoculation.bench.config import BenchConfig, ConfigError, load_config
@@ -39,6 +40,7 @@ class BenchRun:
     measured: list[CellKey] = field(default_factory=list)
     reused: list[CellKey] = field(default_factory=list)
     missing: list[CellKey] = field(default_factory=list)
+    stale: list[CellKey] = field(default_factory=list)  # reused, then measured again
     results: Path | None = None
 
 
@@ -56,12 +58,16 @@ def run_bench(
     only: list[str] | None = None,
     measure: Measure | None = None,
     echo: Callable[[str], None] = print,
+    cells_dir: Path | None = None,
 ) -> BenchRun:
     """Measure the cells of ``cfg`` (those ``only`` selects) that ``commit`` has not already
     measured with the same settings, then, when the whole plan is there, write the results.
 
-    ``measure`` defaults to the real chain (:class:`nnoculation.bench.chain.Chain`); tests
-    pass their own.
+    Cells are read and written in ``cells_dir`` (default ``runs_dir/NAME/cells``): a folder
+    that travels (committed, copied) lets a matrix longer than one sitting resume on another
+    machine at the same commit; a resumed cell measured on other models than this run's is
+    measured again (:func:`nnoculation.bench.cells.stale`). ``measure`` defaults to the real
+    chain (:class:`nnoculation.bench.chain.Chain`); tests pass their own.
     """
     plan = cfg.cells()
     chosen = [k for k in plan if selected(k, only)]
@@ -70,7 +76,7 @@ def run_bench(
             f"--only-cells {' '.join(only or [])} selects no cell of {cfg.name!r}; cells are "
             f"{'variant/' if cfg.variants else ''}attack/defense/seed, e.g. {plan[0].id}"
         )
-    cells_dir = runs_dir / cfg.name / "cells"
+    cells_dir = cells_dir if cells_dir is not None else runs_dir / cfg.name / "cells"
     hashes = {k: settings_hash(cfg.cell_settings(k)) for k in plan}
     done: dict[CellKey, dict[str, Any]] = {}
     for k in plan:
@@ -89,20 +95,39 @@ def run_bench(
         from nnoculation.bench.chain import Chain  # the attack suite and training, when needed
 
         measure = Chain(cfg, runs_dir / cfg.name / "work", commit).measure
-    spent = 0.0
-    for i, key in enumerate(todo, start=1):
-        t0 = time.perf_counter()
-        record = cell_record(key, measure(key), commit, hashes[key])
-        write_json_atomic(cells_dir / key.filename, record)
-        done[key] = record
-        run.measured.append(key)
-        spent += time.perf_counter() - t0
-        eta = spent / i * (len(todo) - i)
-        echo(
-            f"[{i}/{len(todo)}] {key.id}: CA {fmt(record['ca'])} ASR {fmt(record['asr'])} "
-            f"floor {fmt(record['floor'])}, {record['seconds']:.0f} s defense "
-            f"({_duration(time.perf_counter() - t0)} wall; ETA {_duration(eta)})"
-        )
+    spent, count = 0.0, 0
+    while todo:
+        for i, key in enumerate(todo, start=1):
+            t0 = time.perf_counter()
+            record = cell_record(key, measure(key), commit, hashes[key])
+            write_json_atomic(cells_dir / key.filename, record)
+            done[key] = record
+            run.measured.append(key)
+            count += 1
+            spent += time.perf_counter() - t0
+            eta = spent / count * (len(todo) - i)
+            echo(
+                f"[{i}/{len(todo)}] {key.id}: CA {fmt(record['ca'])} ASR {fmt(record['asr'])} "
+                f"floor {fmt(record['floor'])}, {record['seconds']:.0f} s defense "
+                f"({_duration(time.perf_counter() - t0)} wall; ETA {_duration(eta)})"
+            )
+        todo = []
+        for key in stale(done, run.measured):
+            # Measured on models this run re-made differently: measure it again (when
+            # selected) or drop it, so the cells of one seed describe one BadNet and GoodNet.
+            del done[key]
+            run.stale.append(key)
+            if key in run.reused:
+                run.reused.remove(key)
+            if selected(key, only):
+                todo.append(key)
+            else:
+                (cells_dir / key.filename).unlink(missing_ok=True)
+        if todo:
+            echo(
+                f"{len(todo)} resumed cells were measured on other models than this run made "
+                f"(e.g. {todo[0].id}): measuring them again"
+            )
     run.missing = [k for k in plan if k not in done]
     if run.missing:
         echo(
@@ -122,7 +147,11 @@ def run_bench(
 
 
 def run_from_file(
-    config: str, out_dir: Path, runs_dir: Path, only: list[str] | None = None
+    config: str,
+    out_dir: Path,
+    runs_dir: Path,
+    only: list[str] | None = None,
+    cells_dir: Path | None = None,
 ) -> BenchRun:
     """``nnoculation bench CONFIG``: the config validated whole, then :func:`run_bench` at the
     working tree's commit."""
@@ -134,4 +163,5 @@ def run_from_file(
         runs_dir=runs_dir,
         commit=code_commit(),
         only=only,
+        cells_dir=cells_dir,
     )
