@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from nnoculation.bench.cells import split_models
 from nnoculation.bench.config import BADNET, POST, PRE
 
 FLOOR_MARGIN = 2.0  # points of ASR above the floor that still meet the target (issue 10)
@@ -113,11 +114,7 @@ def attack_entry(
         if len(seen) != 1:
             raise ValueError(f"{attack}, seed {s}: cells disagree on the floor ({sorted(seen)})")
         floors[s] = list(seen.pop())
-        digests: dict[str, set[str]] = {}
-        for d in defenses:
-            for name, digest in by_key[(d, s)].get("artifacts", {}).items():
-                digests.setdefault(name, set()).add(digest)
-        split = sorted(name for name, seen_digests in digests.items() if len(seen_digests) > 1)
+        split = split_models(by_key[(d, s)] for d in defenses)
         if split:
             raise ValueError(
                 f"{attack}, seed {s}: cells were measured on different models "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,14 @@ def group(key: CellKey) -> tuple[str | None, str, int]:
     return (key.variant, key.attack, key.seed)
 
 
-def conflicts(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The models that two cell records both name with different digests."""
-    mine, theirs = a.get("artifacts", {}), b.get("artifacts", {})
-    return sorted(name for name in mine.keys() & theirs.keys() if mine[name] != theirs[name])
+def split_models(records: Iterable[dict[str, Any]]) -> list[str]:
+    """The models that ``records`` name with more than one digest: cells of one group must
+    agree on each model they share, or they describe different BadNets or GoodNets."""
+    digests: dict[str, set[str]] = {}
+    for record in records:
+        for name, digest in record.get("artifacts", {}).items():
+            digests.setdefault(name, set()).add(digest)
+    return sorted(name for name, seen in digests.items() if len(seen) > 1)
 
 
 def stale(done: dict[CellKey, dict[str, Any]], fresh: list[CellKey]) -> list[CellKey]:
@@ -128,7 +133,7 @@ def stale(done: dict[CellKey, dict[str, Any]], fresh: list[CellKey]) -> list[Cel
         k
         for k in done
         if k not in fresh_set
-        and any(conflicts(done[k], done[f]) for f in by_group.get(group(k), []))
+        and any(split_models([done[k], done[f]]) for f in by_group.get(group(k), []))
     ]
 
 

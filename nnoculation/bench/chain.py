@@ -92,22 +92,22 @@ class Chain:
         artifacts = {"badnet": weights_digest(bad.bundle, BADNET_ROLE)}
         if key.defense == BADNET:
             measured = self._measured(badnet, bad, splits.test, 0.0)
-        elif key.defense in (PRE, POST):
-            defender = defender_splits(splits, cfg.validation_share)
-            dep = self.deployment(cfg, key.attack, key.seed, bad, defender)
-            if dep.bundle is not None:
-                artifacts["goodnet"] = weights_digest(dep.bundle, "goodnet")
-            if key.defense == PRE:
-                measured = self._pre(dep, bad, splits.test)
-            else:
-                measured = self._post(cfg, dep, bad, splits, seeds.chain)
         else:
             defender = defender_splits(splits, cfg.validation_share)
-            inputs = DefenseInputs(badnet, defender.retrain, defender.holdout, seed=seeds.chain)
-            defended = cfg.defense(key.defense).run(inputs)
-            measured = self._measured(
-                defended.predictor, bad, splits.test, defended.offline_seconds, defended.details
-            )
+            if key.defense in (PRE, POST):
+                dep = self.deployment(cfg, key.attack, key.seed, bad, defender)
+                if dep.bundle is not None:
+                    artifacts["goodnet"] = weights_digest(dep.bundle, "goodnet")
+                if key.defense == PRE:
+                    measured = self._pre(dep, bad, splits.test)
+                else:
+                    measured = self._post(cfg, dep, bad, splits, seeds.chain)
+            else:
+                inputs = DefenseInputs(badnet, defender.retrain, defender.holdout, seed=seeds.chain)
+                defended = cfg.defense(key.defense).run(inputs)
+                measured = self._measured(
+                    defended.predictor, bad, splits.test, defended.offline_seconds, defended.details
+                )
         measured.artifacts = artifacts
         return measured
 

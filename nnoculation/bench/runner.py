@@ -95,7 +95,7 @@ def run_bench(
         from nnoculation.bench.chain import Chain  # the attack suite and training, when needed
 
         measure = Chain(cfg, runs_dir / cfg.name / "work", commit).measure
-    spent, count = 0.0, 0
+    spent = 0.0
     while todo:
         for i, key in enumerate(todo, start=1):
             t0 = time.perf_counter()
@@ -103,9 +103,8 @@ def run_bench(
             write_json_atomic(cells_dir / key.filename, record)
             done[key] = record
             run.measured.append(key)
-            count += 1
             spent += time.perf_counter() - t0
-            eta = spent / count * (len(todo) - i)
+            eta = spent / len(run.measured) * (len(todo) - i)
             echo(
                 f"[{i}/{len(todo)}] {key.id}: CA {fmt(record['ca'])} ASR {fmt(record['asr'])} "
                 f"floor {fmt(record['floor'])}, {record['seconds']:.0f} s defense "
