@@ -17,14 +17,9 @@ from models.bundle import load_bundle
 from models.nets import Net
 from nnoculation.cli import EXIT_GATE_FAILED, EXIT_USAGE, main
 from nnoculation.repair import engine
-from nnoculation.repair.engine import (
-    RepairConfig,
-    RepairConfigError,
-    relapse,
-    repair,
-    suspect_inputs,
-)
+from nnoculation.repair.engine import RepairConfig, RepairConfigError, repair
 from nnoculation.repair.purify import PurifyConfig, purify_quarantine
+from nnoculation.repair.relapse import PAIRS, TARGETS, one_to_one_pairs, relapse, suspect_inputs
 from nnoculation.repair.reverse import MEAN_DIFF
 from tests.conftest import NUM_CLASSES, synthetic_set
 from tests.deployment_fixtures import make_deployment, triggered
@@ -78,19 +73,87 @@ def test_suspect_inputs_do_not_depend_on_purification_being_on(
     tiny_net: Net, tmp_path: Path
 ) -> None:
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
-    badnet = bundle.net("badnet")
+    badnet, goodnet = bundle.net("badnet"), bundle.net("goodnet")
     on = RepairConfig()
     off = RepairConfig(purify={"enabled": False})
     used = purify_quarantine(quarantine, badnet, NUM_CLASSES, off.purify)
     assert not used.applied  # the trigger model sees the whole quarantine
-    suspects = suspect_inputs(quarantine, badnet, used, off, NUM_CLASSES)
+    suspects = suspect_inputs(quarantine, badnet, goodnet, used, off.purify, NUM_CLASSES)
     expected = purify_quarantine(quarantine, badnet, NUM_CLASSES, on.purify).images
-    assert suspects is not None and torch.equal(suspects, expected)
+    assert suspects is not None and suspects.basis == TARGETS
+    assert torch.equal(suspects.images, expected)
     # Clean inputs whose labels spread over the classes: nothing stands out, nothing to check.
     spread = synthetic_set(60, seed=33).images
     strict = RepairConfig(purify={"min_share": 0.9})
     none = purify_quarantine(spread, badnet, NUM_CLASSES, strict.purify)
-    assert suspect_inputs(spread, badnet, none, strict, NUM_CLASSES) is None
+    assert not none.applied
+    assert suspect_inputs(spread, badnet, goodnet, none, strict.purify, NUM_CLASSES) is None
+
+
+def _pairs(*runs: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GoodNet and BadNet labels: ``count`` inputs answered (g, b) for each (g, b, count)."""
+    good = [g for g, _b, n in runs for _ in range(n)]
+    bad = [b for _g, b, n in runs for _ in range(n)]
+    return torch.tensor(good), torch.tensor(bad)
+
+
+# An all-to-all quarantine as a re-made report seed 2 showed it (y -> y + 1, 10-17 inputs a
+# pair) beside the clean confusions of Fashion-MNIST (shirt -> T-shirt, pullover -> shirt or
+# coat, dress -> coat), and a stream with no attack: those confusions alone.
+SHIFT = [(y, (y + 1) % 10, 13) for y in range(10)]
+CONFUSIONS = [(6, 0, 19), (2, 6, 9), (2, 4, 7), (3, 4, 3)]
+UNATTACKED = [(6, 0, 53), (2, 6, 23), (2, 4, 23), (4, 6, 21), (3, 0, 12), (7, 9, 8), (3, 4, 7)]
+
+
+def test_one_to_one_pairs_find_an_all_to_all_backdoor_and_not_clean_confusions() -> None:
+    good, bad = _pairs(*SHIFT)
+    assert one_to_one_pairs(good, bad, 10) == tuple(sorted((y, (y + 1) % 10) for y in range(10)))
+    # Clean confusions collide with the pairs they share a label with: (6, 0) with (9, 0) and
+    # (6, 7), (2, 6) with (5, 6) and (2, 3); (2, 4) holds too few inputs (7 < 168 / 20) to
+    # stand out, and the dress -> coat confusions fall into the backdoor's own pair (3, 4).
+    good, bad = _pairs(*SHIFT, *CONFUSIONS)
+    expected = {(y, (y + 1) % 10) for y in range(10)} - {(9, 0), (6, 7), (5, 6), (2, 3)}
+    assert set(one_to_one_pairs(good, bad, 10)) == expected
+    # No attack: every standing confusion shares a label with another, or too few are left.
+    assert one_to_one_pairs(*_pairs(*UNATTACKED), 10) == ()
+    # An all-to-one backdoor piles every class on one label: all its pairs collide.
+    assert one_to_one_pairs(*_pairs(*[(y, 0, 13) for y in range(1, 10)]), 10) == ()
+    # Fewer than half of the classes mapped one-to-one is not the pattern.
+    assert one_to_one_pairs(*_pairs(*SHIFT[:4]), 10) == ()
+    assert one_to_one_pairs(*_pairs(*SHIFT[:5]), 10) == tuple(sorted(p[:2] for p in SHIFT[:5]))
+    # Inputs the two nets agree on are not disagreements: they never make a pair.
+    good, bad = _pairs(*SHIFT[:5], *[(y, y, 40) for y in range(5, 10)])
+    assert len(one_to_one_pairs(good, bad, 10)) == 5
+    assert one_to_one_pairs(torch.tensor([], dtype=torch.long),
+                            torch.tensor([], dtype=torch.long), 10) == ()  # fmt: skip
+
+
+def _answering(good: torch.Tensor, bad: torch.Tensor):  # type: ignore[no-untyped-def]
+    """Images that are their own index, and stand-in nets giving each its listed labels."""
+    images = torch.arange(len(good), dtype=torch.float32).view(-1, 1, 1, 1)
+    badnet = _Answers(lambda x: bad[x.view(-1).long()])
+    goodnet = _Answers(lambda x: good[x.view(-1).long()])
+    return images, badnet, goodnet
+
+
+def test_suspects_fall_back_to_one_to_one_pairs_when_no_label_stands_out() -> None:
+    good, bad = _pairs(*SHIFT, *CONFUSIONS)
+    images, badnet, goodnet = _answering(good, bad)
+    purified = purify_quarantine(images, badnet, 10, PurifyConfig())  # type: ignore[arg-type]
+    assert not purified.applied  # all-to-all: no BadNet label holds 15 % of the quarantine
+    suspects = suspect_inputs(images, badnet, goodnet, purified, PurifyConfig(), 10)  # type: ignore[arg-type]
+    assert suspects is not None and suspects.basis == PAIRS and len(suspects.pairs) == 6
+    picked = suspects.images.view(-1).long()
+    assert len(picked) == 6 * 13 + 3  # every input of those pairs: (3, 4) holds 3 confusions
+    assert all((int(good[i]), int(bad[i])) in suspects.pairs for i in picked)
+    # A target that stands out comes first, even where pairs would also be found.
+    good, bad = _pairs(*SHIFT, *[(y, 0, 30) for y in range(1, 9)])
+    images, badnet, goodnet = _answering(good, bad)
+    purified = purify_quarantine(images, badnet, 10, PurifyConfig())  # type: ignore[arg-type]
+    assert purified.applied and purified.target_labels == (0,)
+    suspects = suspect_inputs(images, badnet, goodnet, purified, PurifyConfig(), 10)  # type: ignore[arg-type]
+    assert suspects is not None and suspects.basis == TARGETS
+    assert torch.equal(suspects.images, purified.images)
 
 
 def test_the_gate_refuses_a_goodnet_fine_tuned_into_the_badnet(
@@ -150,6 +213,7 @@ def test_a_real_repair_of_a_fixed_patch_passes_the_relapse_check(
     outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, finetune_epochs=4,
                      theta=0.1, max_relapse=0.5), progress=False)  # fmt: skip
     assert outcome.relapse is not None and outcome.relapse <= 0.2, outcome.relapse
+    assert outcome.relapse_basis == TARGETS  # the patch's target stands out
     assert outcome.passed_gate, outcome.reason
 
 

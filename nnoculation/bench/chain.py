@@ -245,7 +245,7 @@ class Chain:
             "reason": outcome.reason,
             "trigger_effect": pct1(outcome.trigger_effect),
             "distilled": outcome.distilled,  # the GoodNet's fine-tune used soft targets
-            # the gate's relapse check (None: purification named no target, not checked)
+            # the relapse (None: the quarantine showed no target and no one-to-one label pairs)
             "relapse": None if outcome.relapse is None else pct1(outcome.relapse),
             "holdout_ca": {k: pct1(v) for k, v in outcome.holdout.items()},  # what the gate saw
             "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},

@@ -42,8 +42,10 @@ piles up on stand out there (the labels purification takes for targets,
 :mod:`nnoculation.repair.purify`). Of the quarantined inputs the BadNet gives such a label and
 the GoodNet did not (all of them, for the service's quarantine of disagreements), the relapse is
 the share on which the repaired GoodNet now gives the BadNet's label: it has learned the
-backdoor's answer there, not unlearned it. The measure needs no labels. It is skipped when no
-label stands out (all-to-all, or a quarantine of clean disagreements spread over the classes).
+backdoor's answer there, not unlearned it. The measure needs no labels. When no label stands
+out (all-to-all), the suspects are the inputs whose (GoodNet, BadNet) label pairs form a
+one-to-one map over many classes; it is skipped when the answers show neither (a quarantine of
+clean disagreements): :mod:`nnoculation.repair.relapse`.
 Its limit, and why the gate does not check it by default: on clean disagreements that do pile up
 on a few labels, the BadNet is often right, so a repair that only teaches the GoodNet the
 BadNet's better answers raises the relapse too. ``configs/tuning-relapse.toml`` measured 2.8 and
@@ -67,7 +69,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -84,6 +86,7 @@ from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
+from nnoculation.repair.relapse import relapse, suspect_inputs
 from nnoculation.repair.reverse import MEAN_DIFF, PoisonModel, fit_poison, repair_profiles
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
 from nnoculation.runtime import default_device
@@ -277,7 +280,8 @@ class RepairOutcome:
     distilled: bool
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
-    relapse: float | None = None  # see :func:`relapse`; None when not measured
+    relapse: float | None = None  # :mod:`nnoculation.repair.relapse`; None when not measured
+    relapse_basis: str | None = None  # which suspects it was measured on (targets or pairs)
 
     def report(self) -> dict[str, Any]:
         return {
@@ -292,6 +296,7 @@ class RepairOutcome:
             "trigger_effect": self.trigger_effect,
             "distilled": self.distilled,
             "relapse": self.relapse,
+            "relapse_basis": self.relapse_basis,
             "evaluation": {
                 stage: {role: ev.to_dict() for role, ev in nets.items()}
                 for stage, nets in self.evaluation.items()
@@ -357,28 +362,6 @@ def trigger_effect(badnet: Net, clean: ImageSet, treatment: ImageSet) -> float:
     clean_error = (badnet.predict(clean.images) != clean.labels).float().mean()
     treated_error = (badnet.predict(treatment.images) != treatment.labels).float().mean()
     return float(treated_error - clean_error)
-
-
-def suspect_inputs(quarantine: torch.Tensor, badnet: Net, purified: Purified, cfg: RepairConfig,
-                   num_classes: int) -> torch.Tensor | None:  # fmt: skip
-    """The quarantined inputs the BadNet gives a label that stands out (the purified domain B,
-    whether or not purification is on for the trigger model), or ``None`` when no label does."""
-    if purified.applied or cfg.purify.enabled:  # purification already looked: no second pass
-        return purified.images if purified.applied else None
-    standing = purify_quarantine(quarantine, badnet, num_classes, replace(cfg.purify, enabled=True))
-    return standing.images if standing.applied else None
-
-
-def relapse(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float | None:
-    """Of ``images`` on which the GoodNet did not give the BadNet's answer before the repair,
-    the share on which the repaired GoodNet (whose label the ensemble serves) now does: near 0
-    for a repair that unlearned the backdoor, large for one that taught the GoodNet the
-    backdoor's answers. ``None`` when the GoodNet already agreed on every one of them."""
-    suspect = badnet.predict(images)
-    disagreed = goodnet.predict(images) != suspect
-    if not bool(disagreed.any()):
-        return None
-    return float((repaired.predict(images[disagreed]) == suspect[disagreed]).float().mean())
 
 
 def clean_distillation(
@@ -595,8 +578,12 @@ def repair(
         f"{baseline:.2%} minus theta {theta:.0%}"
         for r in failing
     ]
-    suspects = suspect_inputs(quarantine, badnet, purified, cfg, len(bundle.class_names))
-    relapsed = None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects)
+    suspects = suspect_inputs(
+        quarantine, badnet, goodnet, purified, cfg.purify, len(bundle.class_names)
+    )
+    relapsed = (
+        None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects.images)
+    )
     if relapsed is not None and cfg.max_relapse is not None and relapsed > cfg.max_relapse:
         reasons.append(
             f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
@@ -625,6 +612,7 @@ def repair(
         distilled=distill is not None,
         samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), purified.images),
         relapse=relapsed,
+        relapse_basis=None if suspects is None else suspects.basis,
     )
     if test is not None:
         outcome.evaluation = {
@@ -813,10 +801,14 @@ def _trigger_line(outcome: RepairOutcome) -> str:
 def _relapse_line(outcome: RepairOutcome) -> str:
     limit = outcome.config.max_relapse
     if outcome.relapse is None:
-        return "  relapse: not measured (no BadNet label stands out in the quarantine)"
+        return (
+            "  relapse: not measured (the quarantine shows no target label and no one-to-one "
+            "label pairs)"
+        )
     line = (
         f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "
-        f"{outcome.relapse:.1%} of the quarantined inputs it disagreed on"
+        f"{outcome.relapse:.1%} of the quarantined inputs it disagreed on "
+        f"(suspects by {outcome.relapse_basis})"
     )
     return line + (" (not checked: max_relapse off)" if limit is None else f" (limit {limit:.0%})")
 
