@@ -269,6 +269,26 @@ def test_cells_travel_in_their_own_folder_to_another_machine(tmp_path: Path) -> 
     assert len(run.reused) == 6 and run.results is not None
 
 
+def test_the_cli_hands_cells_and_only_cells_to_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nnoculation.bench as bench_module
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(bench_module, "run_from_file", lambda *args: calls.append(args))
+    base = ["bench", "c.toml", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")]
+    assert main([*base, "--cells", str(tmp_path / "carried"), "--only-cells", "a/*", "b/*/0"]) == 0
+    assert calls[-1] == (
+        "c.toml",
+        tmp_path / "o",
+        tmp_path / "r",
+        ["a/*", "b/*/0"],
+        tmp_path / "carried",
+    )
+    assert main(base) == 0  # no --cells: the run keeps its cells under --runs
+    assert calls[-1] == ("c.toml", tmp_path / "o", tmp_path / "r", None, None)
+
+
 def test_a_resumed_cell_measured_on_other_models_is_measured_again(tmp_path: Path) -> None:
     bench(tmp_path, config(), FakeChain(models="m1"), only=["patch/badnet/0", "patch/*/1"])
     # another sitting re-made the BadNets differently: its patch/*/0 cells disagree with the
