@@ -239,6 +239,8 @@ def test_admin_api_and_dashboard_show_candidates_and_refuse_to_activate_them(
             assert listed["v0001"]["rejected_candidate"] is False
             # The candidate's repair figures, the relapse among them, are the worker's.
             assert listed["v0002"]["repair"]["relapse"] == record["relapse"] is not None
+            assert listed["v0002"]["repair"]["relapse_basis"] == record["relapse_basis"]
+            assert record["relapse_basis"] in ("targets", "one-to-one pairs")
             refused = admin.post("/admin/versions/v0002/activate")
             assert refused.status_code == 409 and "rejected candidate" in refused.json()["detail"]
             assert admin.post("/admin/rollback", params={"version": "v0002"}).status_code == 409

@@ -82,7 +82,8 @@ def test_suspect_inputs_do_not_depend_on_purification_being_on(
     expected = purify_quarantine(quarantine, badnet, NUM_CLASSES, on.purify).images
     assert suspects is not None and suspects.basis == TARGETS
     assert torch.equal(suspects.images, expected)
-    # Clean inputs whose labels spread over the classes: nothing stands out, nothing to check.
+    # Inputs the two nets agree on: no label stands out among them and they make no pairs,
+    # so there is nothing to check.
     spread = synthetic_set(60, seed=33).images
     strict = RepairConfig(purify={"min_share": 0.9})
     none = purify_quarantine(spread, badnet, NUM_CLASSES, strict.purify)
@@ -123,9 +124,30 @@ def test_one_to_one_pairs_find_an_all_to_all_backdoor_and_not_clean_confusions()
     assert one_to_one_pairs(*_pairs(*SHIFT[:5]), 10) == tuple(sorted(p[:2] for p in SHIFT[:5]))
     # Inputs the two nets agree on are not disagreements: they never make a pair.
     good, bad = _pairs(*SHIFT[:5], *[(y, y, 40) for y in range(5, 10)])
-    assert len(one_to_one_pairs(good, bad, 10)) == 5
+    assert one_to_one_pairs(good, bad, 10) == tuple(sorted(p[:2] for p in SHIFT[:5]))
+    # A pair of one input is no pattern, however small the quarantine.
+    assert one_to_one_pairs(*_pairs(*[(y, (y + 1) % 10, 1) for y in range(10)]), 10) == ()
     assert one_to_one_pairs(torch.tensor([], dtype=torch.long),
                             torch.tensor([], dtype=torch.long), 10) == ()  # fmt: skip
+
+
+def test_one_to_one_pairs_leave_out_two_way_confusions_and_need_three_pairs() -> None:
+    # Similar classes confused both ways (T-shirt / shirt, pullover / coat, sandal / sneaker)
+    # map one-to-one too, but each pair's reverse stands as well: not a backdoor's pattern.
+    swaps = [(0, 6, 10), (6, 0, 10), (2, 4, 10), (4, 2, 10), (5, 7, 10), (7, 5, 10)]
+    assert one_to_one_pairs(*_pairs(*swaps), 10) == ()
+    # Beside an all-to-all map, a swap drops out with the map's pairs it shares a label with
+    # ((0, 1), (9, 0), (6, 7), (5, 6)); the rest of the map is found.
+    good, bad = _pairs(*SHIFT, *swaps[:2])
+    assert one_to_one_pairs(good, bad, 10) == ((1, 2), (2, 3), (3, 4), (4, 5), (7, 8), (8, 9))
+    # Few classes: at least 3 pairs, and at least half of the classes (5 of 9 here).
+    cycle3 = [(0, 1, 5), (1, 2, 5), (2, 0, 5)]
+    assert one_to_one_pairs(*_pairs(*cycle3), 3) == ((0, 1), (1, 2), (2, 0))
+    assert one_to_one_pairs(*_pairs(*cycle3[:2]), 3) == ()
+    shift9 = [(y, (y + 1) % 9, 8) for y in range(9)]
+    assert one_to_one_pairs(*_pairs(*shift9[:4]), 9) == ()
+    assert len(one_to_one_pairs(*_pairs(*shift9[:5]), 9)) == 5
+    assert one_to_one_pairs(*_pairs((0, 1, 9), (1, 0, 9)), 2) == ()  # two classes: a swap
 
 
 def _answering(good: torch.Tensor, bad: torch.Tensor):  # type: ignore[no-untyped-def]
@@ -146,6 +168,11 @@ def test_suspects_fall_back_to_one_to_one_pairs_when_no_label_stands_out() -> No
     picked = suspects.images.view(-1).long()
     assert len(picked) == 6 * 13 + 3  # every input of those pairs: (3, 4) holds 3 confusions
     assert all((int(good[i]), int(bad[i])) in suspects.pairs for i in picked)
+    # The same with purification off for the trigger model: it still finds the pairs.
+    off = PurifyConfig(enabled=False)
+    unpurified = purify_quarantine(images, badnet, 10, off)  # type: ignore[arg-type]
+    again = suspect_inputs(images, badnet, goodnet, unpurified, off, 10)  # type: ignore[arg-type]
+    assert again is not None and again.basis == PAIRS and again.pairs == suspects.pairs
     # A target that stands out comes first, even where pairs would also be found.
     good, bad = _pairs(*SHIFT, *[(y, 0, 30) for y in range(1, 9)])
     images, badnet, goodnet = _answering(good, bad)

@@ -16,6 +16,7 @@ import pytest
 from models.store import ModelStore
 from nnoculation.online.quarantine import QuarantineEntry
 from nnoculation.online.repairs import CANCEL_REQUESTED
+from nnoculation.repair.relapse import TARGETS
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import triggered
 from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, forget_prefix, new_prefix, publish
@@ -85,6 +86,7 @@ def test_a_passing_repair_is_published_activated_announced_and_archived(
     assert isinstance(record["elapsed_s"], float) and record["elapsed_s"] > 0  # at its last stage
     repaired = store.manifest(DEPLOYMENT, "v0002").provenance["repairs"][-1]
     assert repaired["relapse"] == record["relapse"]
+    assert record["relapse_basis"] == repaired["relapse_basis"] == TARGETS  # what it judged
     assert {i.sha256 for i in ctx.quarantine.archived(rid)} == set(shas)
     assert ctx.quarantine.pending_count("v0001") == 0
     deadline, message = time.monotonic() + 5, None

@@ -279,4 +279,5 @@ def _summary(outcome: RepairOutcome) -> dict[str, Any]:
         "purify": outcome.purified.report(),
         "trigger_effect": outcome.trigger_effect,
         "relapse": outcome.relapse,
+        "relapse_basis": outcome.relapse_basis,  # which suspects: targets or one-to-one pairs
     }

@@ -247,6 +247,7 @@ class Chain:
             "distilled": outcome.distilled,  # the GoodNet's fine-tune used soft targets
             # the relapse (None: the quarantine showed no target and no one-to-one label pairs)
             "relapse": None if outcome.relapse is None else pct1(outcome.relapse),
+            "relapse_basis": outcome.relapse_basis,  # targets or one-to-one pairs
             "holdout_ca": {k: pct1(v) for k, v in outcome.holdout.items()},  # what the gate saw
             "seconds": {k: round(v, 1) for k, v in outcome.seconds.items()},
         }

@@ -109,7 +109,8 @@ def _note(details: dict[str, Any]) -> str:
             "gate passed" if details["passed_gate"] else f"gate failed: {details['reason']}"
         )
     if details.get("relapse") is not None:
-        parts.append(f"relapse {details['relapse']:.1f} %")
+        basis = details.get("relapse_basis")
+        parts.append(f"relapse {details['relapse']:.1f} %" + (f" ({basis})" if basis else ""))
     return "; ".join(parts)
 
 

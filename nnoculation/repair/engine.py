@@ -86,7 +86,7 @@ from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
-from nnoculation.repair.relapse import relapse, suspect_inputs
+from nnoculation.repair.relapse import Basis, relapse, suspect_inputs
 from nnoculation.repair.reverse import MEAN_DIFF, PoisonModel, fit_poison, repair_profiles
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
 from nnoculation.runtime import default_device
@@ -281,7 +281,7 @@ class RepairOutcome:
     samples_png: bytes
     evaluation: dict[str, dict[str, Evaluation]] = field(default_factory=dict)
     relapse: float | None = None  # :mod:`nnoculation.repair.relapse`; None when not measured
-    relapse_basis: str | None = None  # which suspects it was measured on (targets or pairs)
+    relapse_basis: Basis | None = None  # which suspects it was measured on; None: not measured
 
     def report(self) -> dict[str, Any]:
         return {
@@ -612,7 +612,7 @@ def repair(
         distilled=distill is not None,
         samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), purified.images),
         relapse=relapsed,
-        relapse_basis=None if suspects is None else suspects.basis,
+        relapse_basis=None if relapsed is None or suspects is None else suspects.basis,
     )
     if test is not None:
         outcome.evaluation = {
@@ -640,6 +640,7 @@ def gate_verdict(outcome: RepairOutcome, parent: Bundle) -> dict[str, Any]:
         "holdout_ca": dict(outcome.holdout),
         "theta": outcome.theta,
         "relapse": outcome.relapse,
+        "relapse_basis": outcome.relapse_basis,
         "max_relapse": outcome.config.max_relapse,
         "repaired": parent.manifest.version,
         "at": utc_now_iso(),
@@ -802,8 +803,8 @@ def _relapse_line(outcome: RepairOutcome) -> str:
     limit = outcome.config.max_relapse
     if outcome.relapse is None:
         return (
-            "  relapse: not measured (the quarantine shows no target label and no one-to-one "
-            "label pairs)"
+            "  relapse: not measured (no target label or one-to-one label pairs in the "
+            "quarantine, or the GoodNet already gave the BadNet's label to every suspect)"
         )
     line = (
         f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "

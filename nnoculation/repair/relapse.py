@@ -8,38 +8,44 @@ answers that clean disagreements do not make:
   that purification takes for targets (:mod:`nnoculation.repair.purify`); the suspects are the
   inputs the BadNet gives one of them;
 - *one-to-one pairs* (all-to-all: class y is sent to its own target, y + 1): no BadNet label
-  stands out, but the (GoodNet label, BadNet label) pairs do, and they form a one-to-one map
-  over many classes: each pair holds a share of the quarantine and no other standing pair
-  shares its GoodNet label or its BadNet label. Clean disagreements make a different pattern:
-  several classes confused with one (shirt, pullover and T-shirt answers piled on one label) or
-  one class with several, so their standing pairs collide and are left out. The suspects are
-  the inputs in the pairs that remain, when they map at least half of the classes.
+  stands out, but the (GoodNet label, BadNet label) pairs of the disagreeing inputs do, and
+  they form a one-to-one map over many classes: each pair holds at least 1/(2K) of the
+  disagreements (and 2 inputs), no other standing pair has the same GoodNet label or the same
+  BadNet label, and its reverse (b, g) does not stand. Clean disagreements make other patterns:
+  several classes confused with one (shirt, pullover and T-shirt answers piled on one label),
+  one class with several, or two similar classes with each other both ways (T-shirt and
+  shirt), so their standing pairs collide and are left out. The suspects are the inputs in the
+  pairs that remain, when there are at least 3 of them and they map at least half of the
+  classes. (A backdoor whose map swaps two classes is missed: the rule prefers not measuring to
+  measuring clean confusions.)
 
 Why the second kind exists. Without it the relapse was not measured on all-to-all, and one
 repair of that row (``docs/results/table5-all-to-all.md``, seed 2) passed the gate and raised
 the deployed ASR from 0.7 to 8.4 %: its GoodNet had taken up the backdoor's y + 1 answers. The
 thresholds follow from the attack's structure (a one-to-one backdoor over K classes gives each
 pair about 1/K of its share of the quarantine: a pair stands out at half of that, 1/(2K)), not
-from a search; the rule was checked on one re-made all-to-all quarantine of report seed 2
-(``configs/table5-all-to-all.toml``, 129 of its 200 inputs triggered), where it kept 8 pairs
-holding 94 triggered and 5 clean inputs, and on a stream of that deployment with no attack,
-where every standing pair collided (no suspects). The harmful repair itself did not recur when
-that seed's chain was re-made on another CPU (six repairs with different repair seeds left the
-deployed ASR at 0.34-0.52 %), so the check has not yet been seen on one.
+from a search. The label patterns of the tests (``tests/test_relapse_gate.py``) are modelled on a
+re-made all-to-all quarantine of report seed 2, where the rule kept 8 pairs (almost all of
+their inputs triggered), and of a stream of that deployment with no attack, where every
+standing pair collided.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Final, Literal
 
 import torch
 
 from models.nets import Net
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 
-TARGETS = "targets"
-PAIRS = "one-to-one pairs"
+TARGETS: Final = "targets"
+PAIRS: Final = "one-to-one pairs"
+Basis = Literal["targets", "one-to-one pairs"]
+MIN_PAIR_INPUTS = 2  # a pair of one input is no pattern
+MIN_PAIRS = 3  # with few classes, half of them is too few pairs to be a pattern
 
 
 @dataclass(frozen=True)
@@ -47,29 +53,32 @@ class Suspects:
     """The quarantined inputs whose BadNet answer looks like the backdoor's, and why."""
 
     images: torch.Tensor
-    basis: str  # TARGETS or PAIRS
+    basis: Basis
     pairs: tuple[tuple[int, int], ...] = ()  # (GoodNet label, BadNet label), for PAIRS
 
 
 def one_to_one_pairs(
     goodnet_labels: torch.Tensor, badnet_labels: torch.Tensor, num_classes: int
 ) -> tuple[tuple[int, int], ...]:
-    """The (GoodNet, BadNet) label pairs of disagreeing inputs that stand out (at least 1/(2K)
-    of them, K = ``num_classes``) and share neither label with another standing pair, when at
-    least half of the classes are so mapped; else ``()``."""
+    """The (GoodNet, BadNet) label pairs of the disagreeing inputs that stand out (at least
+    1/(2K) of them, K = ``num_classes``, and 2) and collide with no other standing pair (same
+    GoodNet label, same BadNet label, or the reverse pair), when at least
+    max(3, ceil(K/2)) remain; else ``()``."""
     disagree = goodnet_labels != badnet_labels
     g, b = goodnet_labels[disagree].tolist(), badnet_labels[disagree].tolist()
-    if not g:
-        return ()
     counts: dict[tuple[int, int], int] = {}
     for pair in zip(g, b, strict=True):
         counts[pair] = counts.get(pair, 0) + 1
-    least = max(2, math.ceil(len(g) / (2 * num_classes)))
-    standing = [p for p, n in counts.items() if n >= least]
+    least = max(MIN_PAIR_INPUTS, math.ceil(len(g) / (2 * num_classes)))
+    standing = {p for p, n in counts.items() if n >= least}
     sources = [p[0] for p in standing]
     targets = [p[1] for p in standing]
-    lone = sorted(p for p in standing if sources.count(p[0]) == 1 and targets.count(p[1]) == 1)
-    return tuple(lone) if len(lone) >= math.ceil(num_classes / 2) else ()
+    lone = sorted(
+        p
+        for p in standing
+        if sources.count(p[0]) == 1 and targets.count(p[1]) == 1 and (p[1], p[0]) not in standing
+    )
+    return tuple(lone) if len(lone) >= max(MIN_PAIRS, math.ceil(num_classes / 2)) else ()
 
 
 def suspect_inputs(

@@ -302,6 +302,7 @@ def _version_summary(rt: Runtime, version: str, active: str | None) -> dict[str,
             "seconds": last.get("seconds"),
             "trigger_effect": last.get("trigger_effect"),
             "relapse": last.get("relapse"),
+            "relapse_basis": last.get("relapse_basis"),
         },
     }  # fmt: skip
 
