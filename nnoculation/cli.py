@@ -166,6 +166,14 @@ _seed = _number_type(int, 0, 2**63 - 2)
 _positive_float = _number_type(float, 0.0, low_open=True)
 _theta = _number_type(float, 0.0, 1.0, low_open=True, high_open=True)
 _share = _number_type(float, 0.0, 1.0)
+
+
+def _share_or_off(text: str) -> float | None:
+    """An argparse ``type``: a share in [0, 1], or ``off`` (None)."""
+    return None if text.strip().lower() == "off" else _share(text)
+
+
+_share_or_off.__name__ = "a number in [0, 1] or 'off'"
 _floats = _number_list_type(_number_type(float))
 _positive_floats = _number_list_type(_positive_float)
 _shares = _number_list_type(_share)
@@ -488,6 +496,7 @@ def _repair_config(args: argparse.Namespace) -> RepairConfig:
             distill_temperature=args.distill_temperature,
             distill_min_trigger_effect=args.distill_min_trigger_effect,
             max_relapse=args.max_relapse,
+            max_pair_relapse=args.max_pair_relapse,
         )
     except ValueError as err:  # RepairConfigError, or PurifyConfig's check
         raise UsageError(str(err)) from None
@@ -897,8 +906,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_share,
         default=RepairConfig.max_relapse,
         help="also refuse, at the gate, a repaired GoodNet that now gives the BadNet's suspect "
-        "label to more than this share of the suspect quarantined inputs it disagreed on "
-        "(default: measured and reported, not checked)",
+        "label to more than this share of the suspect quarantined inputs it disagreed on, "
+        "where the suspects are those whose BadNet label stands out (default: measured and "
+        "reported, not checked)",
+    )
+    p.add_argument(
+        "--max-pair-relapse",
+        type=_share_or_off,
+        default=RepairConfig.max_pair_relapse,
+        help="the same limit where the suspects are one-to-one label pairs (an all-to-all "
+        "backdoor; default %(default)s, 'off' to not check)",
     )
     p.add_argument(
         "--purify-min-share",

@@ -19,7 +19,14 @@ from nnoculation.cli import EXIT_GATE_FAILED, EXIT_USAGE, main
 from nnoculation.repair import engine
 from nnoculation.repair.engine import RepairConfig, RepairConfigError, repair
 from nnoculation.repair.purify import PurifyConfig, purify_quarantine
-from nnoculation.repair.relapse import PAIRS, TARGETS, one_to_one_pairs, relapse, suspect_inputs
+from nnoculation.repair.relapse import (
+    PAIRS,
+    TARGETS,
+    Suspects,
+    one_to_one_pairs,
+    relapse,
+    suspect_inputs,
+)
 from nnoculation.repair.reverse import MEAN_DIFF
 from tests.conftest import NUM_CLASSES, synthetic_set
 from tests.deployment_fixtures import make_deployment, triggered
@@ -267,3 +274,64 @@ def test_max_relapse_is_checked_when_the_config_is_made() -> None:
     with pytest.raises(RepairConfigError, match="max_relapse"):
         RepairConfig(max_relapse=1.5)
     assert RepairConfig.from_dict({"max_relapse": None}).max_relapse is None
+
+
+@pytest.mark.parametrize(
+    ("basis", "measured", "settings", "passes"),
+    [
+        (PAIRS, 0.06, {}, False),  # the default limit on pairs: 5 %
+        (PAIRS, 0.04, {}, True),
+        (PAIRS, 0.06, {"max_pair_relapse": None}, True),  # switched off
+        (PAIRS, 0.06, {"max_pair_relapse": 0.1}, True),
+        (PAIRS, 0.06, {"max_relapse": 0.01}, False),  # the targets' limit does not apply
+        (TARGETS, 0.06, {}, True),  # targets: not checked by default
+        (TARGETS, 0.06, {"max_relapse": 0.05}, False),
+        (TARGETS, 0.06, {"max_pair_relapse": 0.01, "max_relapse": 0.1}, True),
+    ],
+)
+def test_each_basis_has_its_own_limit(
+    tiny_net: Net,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    basis: str,
+    measured: float,
+    settings: dict[str, Any],
+    passes: bool,
+) -> None:
+    """The gate's routing only: the suspects' basis and the relapse on them are given."""
+    _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
+    given = Suspects(quarantine, basis, ((0, 1),) if basis == PAIRS else ())  # type: ignore[arg-type]
+    monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: measured)
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99, **settings)  # CA cannot fail it
+    outcome = repair(bundle, quarantine, cfg, progress=False)
+    assert outcome.relapse == measured and outcome.relapse_basis == basis
+    assert outcome.passed_gate is passes, outcome.reason
+    if not passes:
+        limit = "max_pair_relapse" if basis == PAIRS else "max_relapse"
+        assert outcome.reason is not None and f"by {basis}; above {limit}" in outcome.reason
+    summary = engine.repair_summary(outcome)
+    assert f"suspects by {basis}" in summary
+
+
+def test_the_cli_takes_max_pair_relapse_or_off(
+    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _bundle, quarantine = _deployment(tiny_net, tmp_path)
+    q = tmp_path / "q.npz"
+    np.savez(q, images=quarantine.permute(0, 2, 3, 1).numpy())
+    given = Suspects(quarantine, PAIRS, ((0, 1),))
+    monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.3)
+    base = ["repair", "--bundle", str(path), "--quarantine", str(q), "--profile", MEAN_DIFF,
+            "--theta", "0.99"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a")]) == EXIT_GATE_FAILED  # default 5 %
+    report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
+    assert report["config"]["max_pair_relapse"] == 0.05 and "max_pair_relapse" in report["reason"]
+    assert main([*base, "--max-pair-relapse", "off", "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "repair_report.json").read_text())
+    assert report["config"]["max_pair_relapse"] is None and report["relapse_basis"] == PAIRS
+    assert main([*base, "--max-pair-relapse", "0.5", "--out", str(tmp_path / "c")]) == 0
+    assert main([*base, "--max-pair-relapse", "lots", "--out", str(tmp_path / "d")]) == EXIT_USAGE
+    with pytest.raises(RepairConfigError, match="max_pair_relapse"):
+        RepairConfig(max_pair_relapse=1.5)

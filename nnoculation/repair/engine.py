@@ -10,9 +10,11 @@ config) to repaired nets ready to publish, or a refusal with its reason.
 3. BadNet and GoodNet are fine-tuned on treatment U clean validation; on the clean images the
    GoodNet also learns the BadNet's soft answers (distillation, below);
 4. the *validation gate*: both repaired nets must keep hold-out CA within theta of the
-   deployment's baseline (the original BadNet's hold-out CA), and, where ``max_relapse`` is
-   set, the repaired GoodNet must not take up the BadNet's suspect answers on the quarantined
-   inputs it disagreed on (its *relapse*, measured on every repair); repaired nets it refuses
+   deployment's baseline (the original BadNet's hold-out CA), and the repaired GoodNet must
+   not take up the BadNet's suspect answers on the quarantined inputs it disagreed on (its
+   *relapse*, measured on every repair) beyond the limit of the suspects' basis:
+   ``max_pair_relapse`` (5 % by default) for one-to-one label pairs, ``max_relapse`` (off by
+   default) for target labels; repaired nets it refuses
    are never activated: :func:`repair_in_store` keeps them as a *rejected candidate* version,
    the evidence a user can evaluate (:mod:`models.store_base`).
 
@@ -53,8 +55,11 @@ BadNet's better answers raises the relapse too. ``configs/tuning-relapse.toml`` 
 quarantines with no attack in them (Fashion-MNIST, tuning split), against 66.7 / 50.0 / 66.7 %
 for the digits smoke run's harmful repairs: no limit separates them with room to spare, and a
 false refusal of every repair of an unattacked deployment is a failure too. ``max_relapse``
-(``--max-relapse``) turns the check on. On a later repair the BadNet is the repaired one, whose
-answers are less often the backdoor's.
+(``--max-relapse``) turns the check on. Suspects by one-to-one pairs do not have that problem
+on the data measured (``configs/tuning-relapse-all-to-all.toml``: healthy repairs 0-1.1 %,
+and no stream without an attack gave pairs), so their limit, ``max_pair_relapse``, is on by
+default (:data:`nnoculation.repair.relapse.DEFAULT_MAX_PAIR_RELAPSE`). On a later repair the
+BadNet is the repaired one, whose answers are less often the backdoor's.
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -86,7 +91,14 @@ from nnoculation.metrics import Evaluation, clean_accuracy, evaluate
 from nnoculation.pipeline import VALIDATION_GROUP
 from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
-from nnoculation.repair.relapse import Basis, relapse, suspect_inputs
+from nnoculation.repair.relapse import (
+    DEFAULT_MAX_PAIR_RELAPSE,
+    PAIRS,
+    Basis,
+    Suspects,
+    relapse,
+    suspect_inputs,
+)
 from nnoculation.repair.reverse import MEAN_DIFF, PoisonModel, fit_poison, repair_profiles
 from nnoculation.repair.treatment import DEFAULT_AFFINE_SHARE, make_treatment
 from nnoculation.runtime import default_device
@@ -190,9 +202,11 @@ class RepairConfig:
     distill_weight: float = DEFAULT_DISTILL_WEIGHT  # 0: the GoodNet learns the labels alone
     distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
     distill_min_trigger_effect: float = DEFAULT_MIN_TRIGGER_EFFECT
-    # The gate refuses a repaired GoodNet whose relapse is above this share (None: not checked,
-    # the default; see the module doc for why)
+    # The gate refuses a repaired GoodNet whose relapse is above this share: ``max_relapse`` on
+    # suspects by targets (None: not checked, the default; see the module doc for why),
+    # ``max_pair_relapse`` on suspects by one-to-one pairs (nnoculation/repair/relapse.py)
     max_relapse: float | None = None
+    max_pair_relapse: float | None = DEFAULT_MAX_PAIR_RELAPSE
 
     def __post_init__(self) -> None:
         profiles = repair_profiles()
@@ -233,8 +247,9 @@ class RepairConfig:
         _check_number("distill_weight", self.distill_weight, low=0, high=1)
         _check_number("distill_temperature", self.distill_temperature, low=0, low_open=True)
         _check_number("distill_min_trigger_effect", self.distill_min_trigger_effect, low=-1, high=1)
-        if self.max_relapse is not None:
-            _check_number("max_relapse", self.max_relapse, low=0, high=1)
+        for name in ("max_relapse", "max_pair_relapse"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), low=0, high=1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -379,6 +394,16 @@ def clean_distillation(
         weight=cfg.distill_weight,
         temperature=cfg.distill_temperature,
     )
+
+
+def relapse_limit(cfg: RepairConfig, suspects: Suspects | None) -> tuple[str, float | None]:
+    """The setting that limits the relapse on ``suspects``' basis, and its value (None: the
+    relapse is not checked)."""
+    if suspects is None:
+        return "max_relapse", None
+    if suspects.basis == PAIRS:
+        return "max_pair_relapse", cfg.max_pair_relapse
+    return "max_relapse", cfg.max_relapse
 
 
 class RepairCancelled(Exception):
@@ -584,12 +609,14 @@ def repair(
     relapsed = (
         None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects.images)
     )
-    if relapsed is not None and cfg.max_relapse is not None and relapsed > cfg.max_relapse:
+    limit_name, limit = relapse_limit(cfg, suspects)
+    if suspects is not None and relapsed is not None and limit is not None and relapsed > limit:
         reasons.append(
             f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
-            f"{relapsed:.1%} of the quarantined inputs it disagreed on (above max_relapse "
-            f"{cfg.max_relapse:.0%}); the repair taught the backdoor's answers instead of "
-            "unlearning them"
+            f"{relapsed:.1%} of the quarantined inputs it disagreed on (suspects by "
+            f"{suspects.basis}; "
+            f"above {limit_name} {limit:.0%}); the repair taught the backdoor's answers instead "
+            "of unlearning them"
         )
         if "goodnet" not in failing:
             failing.append("goodnet")
@@ -642,6 +669,7 @@ def gate_verdict(outcome: RepairOutcome, parent: Bundle) -> dict[str, Any]:
         "relapse": outcome.relapse,
         "relapse_basis": outcome.relapse_basis,
         "max_relapse": outcome.config.max_relapse,
+        "max_pair_relapse": outcome.config.max_pair_relapse,
         "repaired": parent.manifest.version,
         "at": utc_now_iso(),
     }
@@ -800,18 +828,19 @@ def _trigger_line(outcome: RepairOutcome) -> str:
 
 
 def _relapse_line(outcome: RepairOutcome) -> str:
-    limit = outcome.config.max_relapse
     if outcome.relapse is None:
         return (
             "  relapse: not measured (no target label or one-to-one label pairs in the "
             "quarantine, or the GoodNet already gave the BadNet's label to every suspect)"
         )
+    name = "max_pair_relapse" if outcome.relapse_basis == PAIRS else "max_relapse"
+    limit = getattr(outcome.config, name)
     line = (
         f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "
         f"{outcome.relapse:.1%} of the quarantined inputs it disagreed on "
         f"(suspects by {outcome.relapse_basis})"
     )
-    return line + (" (not checked: max_relapse off)" if limit is None else f" (limit {limit:.0%})")
+    return line + (f" (not checked: {name} off)" if limit is None else f" (limit {limit:.0%})")
 
 
 def repair_summary(outcome: RepairOutcome) -> str:

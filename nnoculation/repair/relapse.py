@@ -45,6 +45,14 @@ TARGETS: Final = "targets"
 PAIRS: Final = "one-to-one pairs"
 Basis = Literal["targets", "one-to-one pairs"]
 MIN_PAIR_INPUTS = 2  # a pair of one input is no pattern
+# The gate's default limit on the relapse by one-to-one pairs (``RepairConfig.max_pair_relapse``;
+# the targets basis has none, see nnoculation/repair/engine.py). Chosen on the tuning split
+# (configs/tuning-relapse-all-to-all.toml, 3 seeds): healthy repairs of all-to-all streams
+# measured 1.1 / 0.0 / 0.0 %, and streams with no attack never gave pairs (the relapse there was
+# measured on targets or not at all). The few clean inputs that share a backdoor pair (about 5 %
+# of the suspects in a re-made report quarantine), on which the BadNet is often right, can
+# explain a few points; more than 5 % means the GoodNet took up the backdoor's answers.
+DEFAULT_MAX_PAIR_RELAPSE = 0.05
 MIN_PAIRS = 3  # with few classes, half of them is too few pairs to be a pattern
 
 
