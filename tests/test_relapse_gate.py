@@ -1,6 +1,7 @@
 """The relapse: measured on every repair (how often the repaired GoodNet now gives the
-quarantined inputs the BadNet's suspect answers, the backdoor's target), and with
-``max_relapse`` set, a gate check that refuses such a repair however good its hold-out CA."""
+quarantined inputs the BadNet's suspect answers, the backdoor's), on suspects by target labels
+or by one-to-one label pairs, and a gate check that refuses such a repair however good its
+hold-out CA: on pairs by default (``max_pair_relapse``), on targets with ``max_relapse`` set."""
 
 from __future__ import annotations
 
@@ -210,7 +211,7 @@ def test_the_gate_refuses_a_goodnet_fine_tuned_into_the_badnet(
     assert outcome.relapse == 1.0
     assert not outcome.passed_gate and outcome.failing == ["goodnet"]
     assert outcome.reason is not None and "relapsed" in outcome.reason
-    assert "limit 50%" in engine.repair_summary(outcome)
+    assert "limit 50.0%" in engine.repair_summary(outcome)
     off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
                  progress=False)  # fmt: skip
     assert off.passed_gate and off.relapse == 1.0  # the default: measured, not checked
@@ -283,7 +284,7 @@ def test_max_relapse_is_checked_when_the_config_is_made() -> None:
         (PAIRS, 0.04, {}, True),
         (PAIRS, 0.06, {"max_pair_relapse": None}, True),  # switched off
         (PAIRS, 0.06, {"max_pair_relapse": 0.1}, True),
-        (PAIRS, 0.06, {"max_relapse": 0.01}, False),  # the targets' limit does not apply
+        (PAIRS, 0.06, {"max_pair_relapse": None, "max_relapse": 0.01}, True),  # not targets
         (TARGETS, 0.06, {}, True),  # targets: not checked by default
         (TARGETS, 0.06, {"max_relapse": 0.05}, False),
         (TARGETS, 0.06, {"max_pair_relapse": 0.01, "max_relapse": 0.1}, True),
@@ -303,15 +304,49 @@ def test_each_basis_has_its_own_limit(
     given = Suspects(quarantine, basis, ((0, 1),) if basis == PAIRS else ())  # type: ignore[arg-type]
     monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
     monkeypatch.setattr(engine, "relapse", lambda *_args: measured)
+    monkeypatch.setattr(engine, "judged", lambda *_args: 100)  # 6 % of them: 6 inputs
     cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99, **settings)  # CA cannot fail it
     outcome = repair(bundle, quarantine, cfg, progress=False)
     assert outcome.relapse == measured and outcome.relapse_basis == basis
     assert outcome.passed_gate is passes, outcome.reason
+    name = "max_pair_relapse" if basis == PAIRS else "max_relapse"
     if not passes:
-        limit = "max_pair_relapse" if basis == PAIRS else "max_relapse"
-        assert outcome.reason is not None and f"by {basis}; above {limit}" in outcome.reason
+        assert outcome.reason is not None and f"by {basis}; above {name}" in outcome.reason
     summary = engine.repair_summary(outcome)
     assert f"suspects by {basis}" in summary
+    limit = getattr(cfg, name)
+    assert (f"limit {limit:.1%}" if limit is not None else f"not checked: {name} off") in summary
+    assert engine.gate_verdict(outcome, bundle)["max_pair_relapse"] == cfg.max_pair_relapse
+
+
+def test_a_relapse_of_fewer_than_three_inputs_is_not_refused(
+    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a small quarantine one input can be 10 % of the suspects: the gate wants the share
+    above the limit and at least MIN_RELAPSED_INPUTS inputs."""
+    _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
+    given = Suspects(quarantine, PAIRS, ((0, 1),))
+    monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.2)
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)
+    for judged, passes in ((10, True), (12, True), (15, False)):  # 2, 2.4, 3 inputs
+        monkeypatch.setattr(engine, "judged", lambda *_args, n=judged: n)
+        outcome = repair(bundle, quarantine, cfg, progress=False)
+        assert outcome.passed_gate is passes, (judged, outcome.reason)
+
+
+@pytest.mark.parametrize("case", ["no suspects", "nothing judged"])
+def test_no_relapse_measured_passes_and_says_so(
+    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
+    given = None if case == "no suspects" else Suspects(quarantine, PAIRS, ((0, 1),))
+    monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: None)
+    outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
+                     max_pair_relapse=0.0, max_relapse=0.0), progress=False)  # fmt: skip
+    assert outcome.passed_gate and outcome.relapse is None and outcome.relapse_basis is None
+    assert "relapse: not measured" in engine.repair_summary(outcome)
 
 
 def test_the_cli_takes_max_pair_relapse_or_off(

@@ -48,18 +48,20 @@ backdoor's answer there, not unlearned it. The measure needs no labels. When no 
 out (all-to-all), the suspects are the inputs whose (GoodNet, BadNet) label pairs form a
 one-to-one map over many classes; it is skipped when the answers show neither (a quarantine of
 clean disagreements): :mod:`nnoculation.repair.relapse`.
-Its limit, and why the gate does not check it by default: on clean disagreements that do pile up
-on a few labels, the BadNet is often right, so a repair that only teaches the GoodNet the
-BadNet's better answers raises the relapse too. ``configs/tuning-relapse.toml`` measured 2.8 and
-5.2 % on repairs of the patch and the moving patch, and 42.6 and 46.5 % on repairs of
-quarantines with no attack in them (Fashion-MNIST, tuning split), against 66.7 / 50.0 / 66.7 %
-for the digits smoke run's harmful repairs: no limit separates them with room to spare, and a
-false refusal of every repair of an unattacked deployment is a failure too. ``max_relapse``
-(``--max-relapse``) turns the check on. Suspects by one-to-one pairs do not have that problem
-on the data measured (``configs/tuning-relapse-all-to-all.toml``: healthy repairs 0-1.1 %,
-and no stream without an attack gave pairs), so their limit, ``max_pair_relapse``, is on by
-default (:data:`nnoculation.repair.relapse.DEFAULT_MAX_PAIR_RELAPSE`). On a later repair the
-BadNet is the repaired one, whose answers are less often the backdoor's.
+Its limit on target labels, and why the gate does not check it there by default: on clean
+disagreements that do pile up on a few labels, the BadNet is often right, so a repair that only
+teaches the GoodNet the BadNet's better answers raises the relapse too.
+``configs/tuning-relapse.toml`` measured 2.8 and 5.2 % on repairs of the patch and the moving
+patch, and 42.6 and 46.5 % on repairs of quarantines with no attack in them (Fashion-MNIST,
+tuning split), against 66.7 / 50.0 / 66.7 % for the digits smoke run's harmful repairs: no
+limit separates them with room to spare, and a false refusal of every repair of an unattacked
+deployment is a failure too. ``max_relapse`` (``--max-relapse``) turns the check on. Suspects
+by one-to-one pairs did not show that problem on the data measured
+(``configs/tuning-relapse-all-to-all.toml``: healthy repairs 0-1.1 %, and no stream without an
+attack gave pairs), so their limit, ``max_pair_relapse``, is on by default
+(:data:`nnoculation.repair.relapse.DEFAULT_MAX_PAIR_RELAPSE`). Either limit refuses only a
+relapse of at least ``MIN_RELAPSED_INPUTS`` inputs (3). On a later repair the BadNet is the
+repaired one, whose answers are less often the backdoor's.
 
 The baseline stays the original BadNet's across repeated repairs, so CA cannot drift down by
 theta with every repair cycle. The same function runs from the CLI, the tests and the worker.
@@ -93,9 +95,10 @@ from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.relapse import (
     DEFAULT_MAX_PAIR_RELAPSE,
+    MIN_RELAPSED_INPUTS,
     PAIRS,
     Basis,
-    Suspects,
+    judged,
     relapse,
     suspect_inputs,
 )
@@ -396,14 +399,12 @@ def clean_distillation(
     )
 
 
-def relapse_limit(cfg: RepairConfig, suspects: Suspects | None) -> tuple[str, float | None]:
-    """The setting that limits the relapse on ``suspects``' basis, and its value (None: the
+def relapse_limit(cfg: RepairConfig, basis: Basis | None) -> tuple[str, float | None]:
+    """The setting that limits the relapse on suspects of ``basis``, and its value (None: the
     relapse is not checked)."""
-    if suspects is None:
-        return "max_relapse", None
-    if suspects.basis == PAIRS:
+    if basis == PAIRS:
         return "max_pair_relapse", cfg.max_pair_relapse
-    return "max_relapse", cfg.max_relapse
+    return "max_relapse", None if basis is None else cfg.max_relapse
 
 
 class RepairCancelled(Exception):
@@ -609,17 +610,18 @@ def repair(
     relapsed = (
         None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects.images)
     )
-    limit_name, limit = relapse_limit(cfg, suspects)
+    limit_name, limit = relapse_limit(cfg, None if suspects is None else suspects.basis)
     if suspects is not None and relapsed is not None and limit is not None and relapsed > limit:
-        reasons.append(
-            f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
-            f"{relapsed:.1%} of the quarantined inputs it disagreed on (suspects by "
-            f"{suspects.basis}; "
-            f"above {limit_name} {limit:.0%}); the repair taught the backdoor's answers instead "
-            "of unlearning them"
-        )
-        if "goodnet" not in failing:
-            failing.append("goodnet")
+        count = round(relapsed * judged(badnet, goodnet, suspects.images))
+        if count >= MIN_RELAPSED_INPUTS:
+            reasons.append(
+                f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
+                f"{relapsed:.1%} ({count}) of the quarantined inputs it disagreed on (suspects "
+                f"by {suspects.basis}; above {limit_name} {limit:.1%}); the repair taught the "
+                "backdoor's answers instead of unlearning them"
+            )
+            if "goodnet" not in failing:
+                failing.append("goodnet")
     reason = "; ".join(reasons) or None
     outcome = RepairOutcome(
         passed_gate=not failing,
@@ -833,14 +835,13 @@ def _relapse_line(outcome: RepairOutcome) -> str:
             "  relapse: not measured (no target label or one-to-one label pairs in the "
             "quarantine, or the GoodNet already gave the BadNet's label to every suspect)"
         )
-    name = "max_pair_relapse" if outcome.relapse_basis == PAIRS else "max_relapse"
-    limit = getattr(outcome.config, name)
+    name, limit = relapse_limit(outcome.config, outcome.relapse_basis)
     line = (
         f"  relapse: the repaired GoodNet gives the BadNet's suspect label to "
         f"{outcome.relapse:.1%} of the quarantined inputs it disagreed on "
         f"(suspects by {outcome.relapse_basis})"
     )
-    return line + (f" (not checked: {name} off)" if limit is None else f" (limit {limit:.0%})")
+    return line + (f" (not checked: {name} off)" if limit is None else f" (limit {limit:.1%})")
 
 
 def repair_summary(outcome: RepairOutcome) -> str:

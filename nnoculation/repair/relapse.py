@@ -47,12 +47,17 @@ Basis = Literal["targets", "one-to-one pairs"]
 MIN_PAIR_INPUTS = 2  # a pair of one input is no pattern
 # The gate's default limit on the relapse by one-to-one pairs (``RepairConfig.max_pair_relapse``;
 # the targets basis has none, see nnoculation/repair/engine.py). Chosen on the tuning split
-# (configs/tuning-relapse-all-to-all.toml, 3 seeds): healthy repairs of all-to-all streams
-# measured 1.1 / 0.0 / 0.0 %, and streams with no attack never gave pairs (the relapse there was
-# measured on targets or not at all). The few clean inputs that share a backdoor pair (about 5 %
-# of the suspects in a re-made report quarantine), on which the BadNet is often right, can
-# explain a few points; more than 5 % means the GoodNet took up the backdoor's answers.
+# (configs/tuning-relapse-all-to-all.toml, 3 seeds, quarantines of N = 200): healthy repairs of
+# all-to-all streams stayed at or below 1.1 %, and streams with no attack never gave pairs (the
+# relapse there was measured on targets or not at all). The few clean inputs that share a
+# backdoor pair, on which the BadNet is often right, can explain a few points; no harmful
+# repair has been measured on this basis yet, so the limit is a margin above healthy ones, not
+# a separation shown on data.
 DEFAULT_MAX_PAIR_RELAPSE = 0.05
+# The gate refuses a relapse above its limit only when it is at least this many inputs: on a
+# small quarantine (an early repair asked for by an operator) one input can be 10 % of the
+# suspects, and one or two inputs are within what clean suspects explain.
+MIN_RELAPSED_INPUTS = 3
 MIN_PAIRS = 3  # with few classes, half of them is too few pairs to be a pattern
 
 
@@ -113,6 +118,12 @@ def suspect_inputs(
     for g, b in pairs:
         keep |= (good == g) & (bad == b)
     return Suspects(quarantine[keep], PAIRS, pairs)
+
+
+def judged(badnet: Net, goodnet: Net, images: torch.Tensor) -> int:
+    """How many of ``images`` the relapse judges: those on which the GoodNet did not give the
+    BadNet's answer before the repair."""
+    return int((goodnet.predict(images) != badnet.predict(images)).sum())
 
 
 def relapse(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float | None:
