@@ -115,8 +115,25 @@ def cells_in_order(
             for cell, state in pool.imap(_train_one, order, chunksize=1):
                 yield cell, None if state is None else _with_weights(badnet, state)
         finally:
-            pool.terminate()
-            pool.join()
+            stop_pool(pool)
+
+
+def stop_pool(pool: Any) -> None:
+    """Stop ``pool`` now, discarding the cells still in flight. ``Pool.terminate`` can raise
+    ``AssertionError("Cannot have cache with result_hander not alive")`` when the consumer
+    stops early: a CPython race in the pool's shutdown (python/cpython gh-78178, seen here in
+    CI with a closed ``imap``), raised before it kills the workers; they are killed here then,
+    so no training process outlives the search."""
+    try:
+        pool.terminate()
+    except AssertionError:
+        workers = list(pool._pool)  # the pool's own worker processes
+        for process in workers:
+            process.kill()  # SIGKILL: a worker may have inherited a mask that blocks SIGTERM
+        for process in workers:
+            process.join(timeout=30)
+        return  # the pool's threads are daemons; its join() could wait on a stopped handler
+    pool.join()
 
 
 def _with_weights(badnet: Net, state: dict[str, torch.Tensor]) -> Net:

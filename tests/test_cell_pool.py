@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from models.importing import import_net
 from models.nets import Net
-from nnoculation.cell_pool import cells_in_order, worker_threads
+from nnoculation.cell_pool import cells_in_order, stop_pool, worker_threads
 from nnoculation.cli import EXIT_USAGE, main
 from nnoculation.data.imageset import ImageSet
 from nnoculation.predeploy import Cell, PredeployConfig, run_predeploy, search_order
@@ -212,3 +213,22 @@ def test_a_search_that_stops_early_leaves_nothing_behind(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
     assert "leaked" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_stopping_the_pool_kills_its_workers_when_terminate_trips_on_cpythons_race() -> None:
+    """``Pool.terminate`` can raise before it kills the workers (the race stop_pool names);
+    the workers must not outlive the search then."""
+    pool = mp.get_context("spawn").Pool(1)
+    pool.apply_async(time.sleep, (60,))
+    [worker] = list(pool._pool)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while not worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    def tripped() -> None:
+        raise AssertionError("Cannot have cache with result_hander not alive")
+
+    pool.terminate = tripped  # type: ignore[method-assign]
+    started = time.monotonic()
+    stop_pool(pool)
+    assert not worker.is_alive() and time.monotonic() - started < 10
