@@ -252,15 +252,22 @@ def test_a_real_repair_of_a_fixed_patch_passes_the_relapse_check(
     assert outcome.passed_gate, outcome.reason
 
 
-def test_the_cli_takes_max_relapse_and_exits_with_the_gates_code(
-    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _repair_argv(tiny_net: Net, tmp_path: Path) -> tuple[list[str], torch.Tensor]:
+    """``nnoculation repair`` arguments for a deployment file and its quarantine ``.npz``
+    (a theta so wide that CA cannot fail the gate), and the quarantine."""
     path, _bundle, quarantine = _deployment(tiny_net, tmp_path)
     q = tmp_path / "q.npz"
     np.savez(q, images=quarantine.permute(0, 2, 3, 1).numpy())
-    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.6)
     base = ["repair", "--bundle", str(path), "--quarantine", str(q), "--profile", MEAN_DIFF,
             "--theta", "0.99"]  # fmt: skip
+    return base, quarantine
+
+
+def test_the_cli_takes_max_relapse_and_exits_with_the_gates_code(
+    tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, _quarantine = _repair_argv(tiny_net, tmp_path)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.6)
     assert main([*base, "--out", str(tmp_path / "a")]) == 0  # by default: measured only
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
     assert report["relapse"] == 0.6 and report["config"]["max_relapse"] is None
@@ -352,14 +359,10 @@ def test_no_relapse_measured_passes_and_says_so(
 def test_the_cli_takes_max_pair_relapse_or_off(
     tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, _bundle, quarantine = _deployment(tiny_net, tmp_path)
-    q = tmp_path / "q.npz"
-    np.savez(q, images=quarantine.permute(0, 2, 3, 1).numpy())
+    base, quarantine = _repair_argv(tiny_net, tmp_path)
     given = Suspects(quarantine, PAIRS, ((0, 1),))
     monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
     monkeypatch.setattr(engine, "relapse", lambda *_args: 0.3)
-    base = ["repair", "--bundle", str(path), "--quarantine", str(q), "--profile", MEAN_DIFF,
-            "--theta", "0.99"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "a")]) == EXIT_GATE_FAILED  # default 5 %
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
     assert report["config"]["max_pair_relapse"] == 0.05 and "max_pair_relapse" in report["reason"]

@@ -25,9 +25,8 @@ the deployed ASR from 0.7 to 8.4 %: its GoodNet had taken up the backdoor's y + 
 thresholds follow from the attack's structure (a one-to-one backdoor over K classes gives each
 pair about 1/K of its share of the quarantine: a pair stands out at half of that, 1/(2K)), not
 from a search. The label patterns of the tests (``tests/test_relapse_gate.py``) are modelled on a
-re-made all-to-all quarantine of report seed 2, where the rule kept 8 pairs (almost all of
-their inputs triggered), and of a stream of that deployment with no attack, where every
-standing pair collided.
+re-made all-to-all quarantine of report seed 2 and of a stream of that deployment with no
+attack (looked at once, by hand; the committed calibration is the tuning run below).
 """
 
 from __future__ import annotations
