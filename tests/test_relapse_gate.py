@@ -23,6 +23,7 @@ from nnoculation.repair.purify import PurifyConfig, purify_quarantine
 from nnoculation.repair.relapse import (
     PAIRS,
     TARGETS,
+    Relapse,
     Suspects,
     one_to_one_pairs,
     relapse,
@@ -63,18 +64,19 @@ def test_relapse_is_the_share_of_disagreements_where_the_goodnet_takes_the_badne
     assert 0 < int(disagreed.sum()) < len(images)  # a file's quarantine: some agree already
     # A "repaired" GoodNet that answers exactly as the BadNet relapsed on every disagreement,
     # however many inputs the two agreed on before (they do not dilute it).
-    assert relapse(badnet, goodnet, badnet, images) == 1.0
-    assert relapse(badnet, goodnet, goodnet, images) == 0.0  # unchanged: nothing relapsed
+    judged = int(disagreed.sum())
+    assert relapse(badnet, goodnet, badnet, images) == Relapse(judged, judged)
+    assert relapse(badnet, goodnet, goodnet, images) == Relapse(judged, 0)  # nothing relapsed
     assert relapse(badnet, goodnet, goodnet, images[~disagreed]) is None  # nothing to judge
     # Only the BadNet's own label counts: a repaired net that moved to a third class did not
     # relapse; one that took the BadNet's label on half of the disagreements relapsed 50 %.
     third = _Answers(lambda x: (badnet.predict(x) + 1) % NUM_CLASSES)
-    assert relapse(badnet, goodnet, third, images) == 0.0  # type: ignore[arg-type]
-    judged = images[disagreed]
-    half = len(judged) // 2
+    assert relapse(badnet, goodnet, third, images) == Relapse(judged, 0)  # type: ignore[arg-type]
+    half = judged // 2
     halfway = _Answers(lambda x: torch.cat([badnet.predict(x[:half]), goodnet.predict(x[half:])]))
-    expected = half / len(judged)
-    assert relapse(badnet, goodnet, halfway, judged) == pytest.approx(expected)  # type: ignore[arg-type]
+    measured = relapse(badnet, goodnet, halfway, images[disagreed])  # type: ignore[arg-type]
+    assert measured == Relapse(judged, half)
+    assert measured is not None and measured.share == pytest.approx(half / judged)
 
 
 def test_suspect_inputs_do_not_depend_on_purification_being_on(
@@ -224,9 +226,9 @@ def test_the_gate_judges_the_repaired_goodnet_against_the_original_nets(
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     calls: list[tuple[Net, Net, Net]] = []  # (badnet, goodnet, repaired goodnet)
 
-    def measured(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float:
+    def measured(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> Relapse:
         calls.append((badnet, goodnet, repaired))
-        return 0.8
+        return Relapse(judged=10, relapsed=8)
 
     monkeypatch.setattr(engine, "relapse", measured)
     outcome = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99,
@@ -267,7 +269,7 @@ def test_the_cli_takes_max_relapse_and_exits_with_the_gates_code(
     tiny_net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base, _quarantine = _repair_argv(tiny_net, tmp_path)
-    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.6)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: Relapse(judged=10, relapsed=6))
     assert main([*base, "--out", str(tmp_path / "a")]) == 0  # by default: measured only
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
     assert report["relapse"] == 0.6 and report["config"]["max_relapse"] is None
@@ -310,8 +312,8 @@ def test_each_basis_has_its_own_limit(
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     given = Suspects(quarantine, basis, ((0, 1),) if basis == PAIRS else ())  # type: ignore[arg-type]
     monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
-    monkeypatch.setattr(engine, "relapse", lambda *_args: measured)
-    monkeypatch.setattr(engine, "judged", lambda *_args: 100)  # 6 % of them: 6 inputs
+    given_relapse = Relapse(judged=100, relapsed=round(measured * 100))  # 6 %: 6 inputs
+    monkeypatch.setattr(engine, "relapse", lambda *_args: given_relapse)
     cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99, **settings)  # CA cannot fail it
     outcome = repair(bundle, quarantine, cfg, progress=False)
     assert outcome.relapse == measured and outcome.relapse_basis == basis
@@ -334,12 +336,12 @@ def test_a_relapse_of_fewer_than_three_inputs_is_not_refused(
     _path, bundle, quarantine = _deployment(tiny_net, tmp_path)
     given = Suspects(quarantine, PAIRS, ((0, 1),))
     monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
-    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.2)
-    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)
-    for judged, passes in ((10, True), (12, True), (15, False)):  # 2, 2.4, 3 inputs
-        monkeypatch.setattr(engine, "judged", lambda *_args, n=judged: n)
+    cfg = RepairConfig(profile=MEAN_DIFF, theta=0.99)  # pairs limit 5 %
+    # (judged, relapsed): 20 % of 10 is 2 inputs; 20 % of 15 is 3; 3 of 60 is not above 5 %
+    for measured, passes in (((10, 2), True), ((15, 3), False), ((60, 3), True)):
+        monkeypatch.setattr(engine, "relapse", lambda *_args, m=measured: Relapse(*m))
         outcome = repair(bundle, quarantine, cfg, progress=False)
-        assert outcome.passed_gate is passes, (judged, outcome.reason)
+        assert outcome.passed_gate is passes, (measured, outcome.reason)
 
 
 @pytest.mark.parametrize("case", ["no suspects", "nothing judged"])
@@ -362,7 +364,7 @@ def test_the_cli_takes_max_pair_relapse_or_off(
     base, quarantine = _repair_argv(tiny_net, tmp_path)
     given = Suspects(quarantine, PAIRS, ((0, 1),))
     monkeypatch.setattr(engine, "suspect_inputs", lambda *_args: given)
-    monkeypatch.setattr(engine, "relapse", lambda *_args: 0.3)
+    monkeypatch.setattr(engine, "relapse", lambda *_args: Relapse(judged=10, relapsed=3))
     assert main([*base, "--out", str(tmp_path / "a")]) == EXIT_GATE_FAILED  # default 5 %
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
     assert report["config"]["max_pair_relapse"] == 0.05 and "max_pair_relapse" in report["reason"]

@@ -98,7 +98,6 @@ from nnoculation.repair.relapse import (
     MIN_RELAPSED_INPUTS,
     PAIRS,
     Basis,
-    judged,
     relapse,
     suspect_inputs,
 )
@@ -611,17 +610,21 @@ def repair(
         None if suspects is None else relapse(badnet, goodnet, repaired["goodnet"], suspects.images)
     )
     limit_name, limit = relapse_limit(cfg, None if suspects is None else suspects.basis)
-    if suspects is not None and relapsed is not None and limit is not None and relapsed > limit:
-        count = round(relapsed * judged(badnet, goodnet, suspects.images))
-        if count >= MIN_RELAPSED_INPUTS:
-            reasons.append(
-                f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
-                f"{relapsed:.1%} ({count}) of the quarantined inputs it disagreed on (suspects "
-                f"by {suspects.basis}; above {limit_name} {limit:.1%}); the repair taught the "
-                "backdoor's answers instead of unlearning them"
-            )
-            if "goodnet" not in failing:
-                failing.append("goodnet")
+    if (
+        suspects is not None
+        and relapsed is not None
+        and limit is not None
+        and relapsed.share > limit
+        and relapsed.relapsed >= MIN_RELAPSED_INPUTS
+    ):
+        reasons.append(
+            f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
+            f"{relapsed.share:.1%} ({relapsed.relapsed}) of the quarantined inputs it disagreed "
+            f"on (suspects by {suspects.basis}; above {limit_name} {limit:.1%}); the repair "
+            "taught the backdoor's answers instead of unlearning them"
+        )
+        if "goodnet" not in failing:
+            failing.append("goodnet")
     reason = "; ".join(reasons) or None
     outcome = RepairOutcome(
         passed_gate=not failing,
@@ -640,7 +643,7 @@ def repair(
         trigger_effect=effect,
         distilled=distill is not None,
         samples_png=sample_grid(domain_a, poison.apply(domain_a[:SAMPLE_COUNT]), purified.images),
-        relapse=relapsed,
+        relapse=None if relapsed is None else relapsed.share,
         relapse_basis=None if relapsed is None or suspects is None else suspects.basis,
     )
     if test is not None:

@@ -119,19 +119,29 @@ def suspect_inputs(
     return Suspects(quarantine[keep], PAIRS, pairs)
 
 
-def judged(badnet: Net, goodnet: Net, images: torch.Tensor) -> int:
-    """How many of ``images`` the relapse judges: those on which the GoodNet did not give the
-    BadNet's answer before the repair."""
-    return int((goodnet.predict(images) != badnet.predict(images)).sum())
+@dataclass(frozen=True)
+class Relapse:
+    """What the relapse measured: of ``judged`` suspects (those on which the GoodNet did not
+    give the BadNet's answer before the repair), ``relapsed`` now get it from the repaired
+    GoodNet."""
+
+    judged: int
+    relapsed: int
+
+    @property
+    def share(self) -> float:
+        return self.relapsed / self.judged
 
 
-def relapse(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> float | None:
+def relapse(badnet: Net, goodnet: Net, repaired: Net, images: torch.Tensor) -> Relapse | None:
     """Of ``images`` on which the GoodNet did not give the BadNet's answer before the repair,
-    the share on which the repaired GoodNet (whose label the ensemble serves) now does: near 0
-    for a repair that unlearned the backdoor, large for one that taught the GoodNet the
+    how many the repaired GoodNet (whose label the ensemble serves) now gives it: a share near
+    0 for a repair that unlearned the backdoor, large for one that taught the GoodNet the
     backdoor's answers. ``None`` when the GoodNet already agreed on every one of them."""
     suspect = badnet.predict(images)
     disagreed = goodnet.predict(images) != suspect
-    if not bool(disagreed.any()):
+    judged = int(disagreed.sum())
+    if judged == 0:
         return None
-    return float((repaired.predict(images[disagreed]) == suspect[disagreed]).float().mean())
+    relapsed = int((repaired.predict(images[disagreed]) == suspect[disagreed]).sum())
+    return Relapse(judged, relapsed)
