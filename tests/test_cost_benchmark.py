@@ -124,7 +124,11 @@ def test_strip_timed_path_makes_strip_s_decision(measured: dict[str, Any]) -> No
 
 def test_ensemble_path_is_the_service_s_answer(measured: dict[str, Any]) -> None:
     deployment = measured["offline"].deployment
-    images = measured["splits"].test.images[:20]
+    clean = measured["splits"].test.images[:20]
+    images = torch.cat([clean, triggered(patch_attack(), clean)])
+    # On triggered inputs the nets answer differently, so a path that served the wrong one
+    # (the BadNet as the ensemble, or the nets swapped) could not match below.
+    assert (deployment.goodnet.predict(images) != deployment.badnet.predict(images)).any()
     paths = cost.inference_paths(deployment, measured["offline"].strip)
     assert torch.equal(
         cost.run_batches(paths["ensemble"], images, 8), deployment.goodnet.predict(images)

@@ -147,11 +147,18 @@ def test_a_trigger_model_that_does_not_fire_the_badnet_turns_distillation_off(
 
 def test_scores_are_eval_mode_logits_and_restore_the_mode(tiny_net: Net) -> None:
     images = synthetic_set(10, seed=4).images
-    tiny_net.train_mode(True)
+    tiny_net.module.classifier[3].p = 0.5  # dropout: train mode would give random logits
+    tiny_net.train_mode(False)
+    with torch.no_grad():
+        expected = tiny_net.logits(images).float()
+        tiny_net.train_mode(True)
+        dropped = tiny_net.logits(images).float()
+    assert not torch.allclose(dropped, expected)  # the mode shows in the logits
     scores = tiny_net.scores(images, batch_size=3)
-    assert tiny_net.module.training
+    assert tiny_net.module.training  # restored
     assert scores.shape == (10, NUM_CLASSES) and not scores.requires_grad
-    assert torch.equal(scores.argmax(1), tiny_net.predict(images))
+    assert torch.allclose(scores, expected, atol=1e-6)  # eval mode, batch by batch
+    assert torch.equal(tiny_net.scores(images, batch_size=3), scores)  # no dropout draws
     assert tiny_net.scores(images[:0]).shape == (0, NUM_CLASSES)
 
 

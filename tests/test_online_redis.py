@@ -143,10 +143,16 @@ def test_reconcile_re_enqueues_a_repair_whose_job_died(client: redis.Redis, keys
     assert actions == [f"re-enqueued repair {rid} as attempt 2"]
     assert repairs.get(rid)["attempt"] == 2  # type: ignore[index]
     assert repairs.queue.job_ids == [job_id(rid, 2)]
-    # A live heartbeat means somebody works on it: nothing to do.
+    # Running with no job in the queue (RQ moved it to its started registry): a live
+    # heartbeat means somebody works on it, so nothing to do; once the beat expires, it stalled.
+    repairs.queue.empty()
+    repairs.update(rid, status=RUNNING)
     repairs.beat(rid, 10, "test")
     client.hset(keys.repair(rid), "updated", repr(time.time() - 60))
     assert repairs.reconcile(lambda: "v0001", lambda v: 0, n=200) == []
+    client.delete(keys.repair_heartbeat(rid))
+    actions = repairs.reconcile(lambda: "v0001", lambda v: 0, n=200)
+    assert actions == [f"re-enqueued repair {rid} as attempt 3"]
 
 
 def test_reconcile_starts_a_due_repair_and_releases_ended_locks(

@@ -20,6 +20,7 @@ from nnoculation.repair.relapse import TARGETS
 from tests.conftest import synthetic_set
 from tests.deployment_fixtures import triggered
 from tests.online import DEFAULT_REDIS_URL, DEPLOYMENT, forget_prefix, new_prefix, publish
+from worker import jobs
 from worker.jobs import Context, execute
 from worker.settings import WorkerSettings
 
@@ -123,6 +124,37 @@ def test_a_cancelled_repair_gives_its_inputs_back(setup: tuple[Context, Any]) ->
     ctx.repairs.update(rid, status=CANCEL_REQUESTED)
     assert execute(ctx, rid, 1)["status"] == "cancelled"
     assert ctx.quarantine.pending_count("v0001") == len(shas)
+    assert ctx.store.versions(DEPLOYMENT) == ["v0001"] and ctx.repairs.current() is None
+
+
+def test_a_repair_cancelled_mid_run_gives_its_claimed_inputs_back(
+    setup: tuple[Context, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled after its inputs were claimed (the test above cancels before the claim):
+    the claim goes back to pending, nothing is archived and no version is published."""
+    ctx, attack = setup
+    shas = quarantine(ctx, attack)
+    rid = ctx.repairs.start("v0001", "admin", len(shas)).repair_id
+    seen_at_cancel: list[tuple[int, int]] = []  # (pending, claimed) when the operator cancelled
+    reporting = jobs._progress
+
+    def cancelling(ctx_: Context, repair_id: str) -> Any:
+        report = reporting(ctx_, repair_id)
+
+        def on_progress(p: Any) -> None:
+            report(p)
+            if not seen_at_cancel:  # the first progress report comes after the claim
+                claimed = len(ctx_.quarantine.claimed(repair_id))
+                seen_at_cancel.append((ctx_.quarantine.pending_count("v0001"), claimed))
+                ctx_.repairs.update(repair_id, status=CANCEL_REQUESTED)
+
+        return on_progress
+
+    monkeypatch.setattr(jobs, "_progress", cancelling)
+    assert execute(ctx, rid, 1)["status"] == "cancelled"
+    assert seen_at_cancel == [(0, len(shas))]  # it was cancelled holding every input
+    assert ctx.quarantine.pending_count("v0001") == len(shas)
+    assert ctx.quarantine.claimed(rid) == [] and ctx.quarantine.archived(rid) == []
     assert ctx.store.versions(DEPLOYMENT) == ["v0001"] and ctx.repairs.current() is None
 
 
