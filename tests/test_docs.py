@@ -20,7 +20,7 @@ def mentioned(name: str, text: str = README) -> bool:
     """``name`` appears in ``text`` as a whole name, not as the start of a longer one
     (``/admin/repair`` is not documented by ``/admin/repairs``, nor ``NNOC_REPAIR`` by
     ``NNOC_REPAIR_PROFILE``)."""
-    return re.search(rf"(?<![\w]){re.escape(name)}(?![\w/{{])", text) is not None
+    return re.search(rf"(?<!\w){re.escape(name)}(?![\w/{{])", text) is not None
 
 
 def test_every_setting_is_in_the_readme() -> None:

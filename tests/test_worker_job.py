@@ -117,7 +117,9 @@ def test_a_gated_repair_keeps_a_candidate_activates_nothing_and_says_why(
     assert len(ctx.quarantine.archived(rid)) == len(shas)  # consumed, kept as evidence
 
 
-def test_a_cancelled_repair_gives_its_inputs_back(setup: tuple[Context, Any]) -> None:
+def test_a_repair_cancelled_before_it_starts_leaves_its_inputs_pending(
+    setup: tuple[Context, Any],
+) -> None:
     ctx, attack = setup
     shas = quarantine(ctx, attack)
     rid = ctx.repairs.start("v0001", "admin", len(shas)).repair_id
