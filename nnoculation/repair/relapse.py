@@ -21,7 +21,8 @@ answers that clean disagreements do not make:
 
 Why the second kind exists. Without it the relapse was not measured on all-to-all, and one
 repair of that row (``docs/results/table5-all-to-all.md``, seed 2) passed the gate and raised
-the deployed ASR from 0.7 to 8.4 %: its GoodNet had taken up the backdoor's y + 1 answers. The
+the deployed ASR from 0.7 to 8.4 %: its GoodNet had taken up the backdoor's y + 1 answers
+(re-made with this basis, the same repair relapsed on 8.8 % of its pairs and was refused). The
 thresholds follow from the attack's structure (a one-to-one backdoor over K classes gives each
 pair about 1/K of its share of the quarantine: a pair stands out at half of that, 1/(2K)), not
 from a search. The label patterns of the tests (``tests/test_relapse_gate.py``) are modelled on a
@@ -49,9 +50,10 @@ MIN_PAIR_INPUTS = 2  # a pair of one input is no pattern
 # (configs/tuning-relapse-all-to-all.toml, 3 seeds, quarantines of N = 200): healthy repairs of
 # all-to-all streams stayed at or below 1.1 %, and streams with no attack never gave pairs (the
 # relapse there was measured on targets or not at all). The few clean inputs that share a
-# backdoor pair, on which the BadNet is often right, can explain a few points; no harmful
-# repair has been measured on this basis yet, so the limit is a margin above healthy ones, not
-# a separation shown on data.
+# backdoor pair, on which the BadNet is often right, can explain a few points. One harmful
+# repair has been measured on this basis since (docs/results/table5-all-to-all.md, report seed
+# 2: 8.8 %, refused) beside healthy ones at 0.8 and 2.6 %: the limit is a margin above healthy
+# repairs that the one harmful repair cleared by less than 4 points, not a wide separation.
 DEFAULT_MAX_PAIR_RELAPSE = 0.05
 # The gate refuses a relapse above its limit only when it is at least this many inputs: on a
 # small quarantine (an early repair asked for by an operator) one input can be 10 % of the
