@@ -903,12 +903,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-relapse",
-        type=_share,
+        type=_share_or_off,
         default=RepairConfig.max_relapse,
         help="also refuse, at the gate, a repaired GoodNet that now gives the BadNet's suspect "
         "label to more than this share of the suspect quarantined inputs it disagreed on, "
-        "where the suspects are those whose BadNet label stands out (default: measured and "
-        "reported, not checked)",
+        "where the suspects are those whose BadNet label stands out (default %(default)s, "
+        "'off' to measure and report only)",
     )
     p.add_argument(
         "--max-pair-relapse",

@@ -21,6 +21,7 @@ from nnoculation.repair import engine
 from nnoculation.repair.engine import RepairConfig, RepairConfigError, repair
 from nnoculation.repair.purify import PurifyConfig, purify_quarantine
 from nnoculation.repair.relapse import (
+    DEFAULT_MAX_RELAPSE,
     PAIRS,
     TARGETS,
     Relapse,
@@ -214,9 +215,12 @@ def test_the_gate_refuses_a_goodnet_fine_tuned_into_the_badnet(
     assert not outcome.passed_gate and outcome.failing == ["goodnet"]
     assert outcome.reason is not None and "relapsed" in outcome.reason
     assert "limit 50.0%" in engine.repair_summary(outcome)
-    off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
+    default = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99),
+                     progress=False)  # fmt: skip
+    assert not default.passed_gate and default.relapse == 1.0  # checked by default
+    off = repair(bundle, quarantine, RepairConfig(profile=MEAN_DIFF, theta=0.99, max_relapse=None),
                  progress=False)  # fmt: skip
-    assert off.passed_gate and off.relapse == 1.0  # the default: measured, not checked
+    assert off.passed_gate and off.relapse == 1.0  # switched off: measured, not checked
     assert "max_relapse off" in engine.repair_summary(off)
 
 
@@ -270,12 +274,13 @@ def test_the_cli_takes_max_relapse_and_exits_with_the_gates_code(
 ) -> None:
     base, _quarantine = _repair_argv(tiny_net, tmp_path)
     monkeypatch.setattr(engine, "relapse", lambda *_args: Relapse(judged=10, relapsed=6))
-    assert main([*base, "--out", str(tmp_path / "a")]) == 0  # by default: measured only
+    assert main([*base, "--out", str(tmp_path / "a")]) == EXIT_GATE_FAILED  # the default limit
     report = json.loads((tmp_path / "a" / "repair_report.json").read_text())
-    assert report["relapse"] == 0.6 and report["config"]["max_relapse"] is None
-    assert main([*base, "--max-relapse", "0.5", "--out", str(tmp_path / "b")]) == EXIT_GATE_FAILED
+    assert report["relapse"] == 0.6 and report["config"]["max_relapse"] == DEFAULT_MAX_RELAPSE
+    assert "max_relapse" in report["reason"]
+    assert main([*base, "--max-relapse", "off", "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "repair_report.json").read_text())
-    assert "max_relapse" in report["reason"] and report["config"]["max_relapse"] == 0.5
+    assert report["relapse"] == 0.6 and report["config"]["max_relapse"] is None
     assert main([*base, "--max-relapse", "0.7", "--out", str(tmp_path / "c")]) == 0
     assert main([*base, "--max-relapse", "1.5", "--out", str(tmp_path / "d")]) == EXIT_USAGE
 
@@ -294,7 +299,9 @@ def test_max_relapse_is_checked_when_the_config_is_made() -> None:
         (PAIRS, 0.06, {"max_pair_relapse": None}, True),  # switched off
         (PAIRS, 0.06, {"max_pair_relapse": 0.1}, True),
         (PAIRS, 0.06, {"max_pair_relapse": None, "max_relapse": 0.01}, True),  # not targets
-        (TARGETS, 0.06, {}, True),  # targets: not checked by default
+        (TARGETS, 0.06, {}, True),  # targets: below the default limit
+        (TARGETS, 0.5, {}, False),  # above it
+        (TARGETS, 0.5, {"max_relapse": None}, True),  # switched off
         (TARGETS, 0.06, {"max_relapse": 0.05}, False),
         (TARGETS, 0.06, {"max_pair_relapse": 0.01, "max_relapse": 0.1}, True),
     ],

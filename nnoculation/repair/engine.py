@@ -13,8 +13,9 @@ config) to repaired nets ready to publish, or a refusal with its reason.
    deployment's baseline (the original BadNet's hold-out CA), and the repaired GoodNet must
    not take up the BadNet's suspect answers on the quarantined inputs it disagreed on (its
    *relapse*, measured on every repair) beyond the limit of the suspects' basis:
-   ``max_pair_relapse`` (5 % by default) for one-to-one label pairs, ``max_relapse`` (off by
-   default) for target labels; repaired nets it refuses
+   ``max_pair_relapse`` (5 % by default) for one-to-one label pairs, ``max_relapse``
+   (:data:`~nnoculation.repair.relapse.DEFAULT_MAX_RELAPSE`) for target labels; repaired nets it
+   refuses
    are never activated: :func:`repair_in_store` keeps them as a *rejected candidate* version,
    the evidence a user can evaluate (:mod:`models.store_base`).
 
@@ -48,17 +49,16 @@ backdoor's answer there, not unlearned it. The measure needs no labels. When no 
 out (all-to-all), the suspects are the inputs whose (GoodNet, BadNet) label pairs form a
 one-to-one map over many classes; it is skipped when the answers show neither (a quarantine of
 clean disagreements): :mod:`nnoculation.repair.relapse`.
-Its limit on target labels, and why the gate does not check it there by default: on clean
-disagreements that do pile up on a few labels, the BadNet is often right, so a repair that only
-teaches the GoodNet the BadNet's better answers raises the relapse too.
-``configs/tuning-relapse.toml`` measured 2.8 and 5.2 % on repairs of the patch and the moving
-patch, and 42.6 and 46.5 % on repairs of quarantines with no attack in them (Fashion-MNIST,
-tuning split), against 66.7 / 50.0 / 66.7 % for the digits smoke run's harmful repairs: no
-limit separates them with room to spare, and a false refusal of every repair of an unattacked
-deployment is a failure too. ``max_relapse`` (``--max-relapse``) turns the check on. Suspects
-by one-to-one pairs did not show that problem on the data measured
-(``configs/tuning-relapse-all-to-all.toml``: healthy repairs 0-1.1 %, and no stream without an
-attack gave pairs), so their limit, ``max_pair_relapse``, is on by default
+Its limits. On target labels (``max_relapse``,
+:data:`nnoculation.repair.relapse.DEFAULT_MAX_RELAPSE`): a repair of an attacked stream's
+quarantine teaches the GoodNet the true labels of the triggered inputs, so it relapses on few of
+them, while a repair of a quarantine that is mostly or wholly clean disagreements (an early
+repair, a light attack, no attack yet) learns no trigger and pulls the GoodNet towards the
+BadNet, whose answers on those inputs it then shares, backdoor included: the tuning split
+measured both (``configs/tuning-relapse-ratio.toml``, where the default was chosen; how, next to
+the constant), and a refused repair keeps serving the nets that were there. On one-to-one pairs
+(``max_pair_relapse``): chosen with ``configs/tuning-relapse-all-to-all.toml`` (healthy repairs
+0-1.1 %, and no stream without an attack gave pairs)
 (:data:`nnoculation.repair.relapse.DEFAULT_MAX_PAIR_RELAPSE`). Either limit refuses only a
 relapse of at least ``MIN_RELAPSED_INPUTS`` inputs (3). On a later repair the BadNet is the
 repaired one, whose answers are less often the backdoor's.
@@ -95,6 +95,7 @@ from nnoculation.predeploy import DEFAULT_THETA
 from nnoculation.repair.purify import Purified, PurifyConfig, purify_quarantine
 from nnoculation.repair.relapse import (
     DEFAULT_MAX_PAIR_RELAPSE,
+    DEFAULT_MAX_RELAPSE,
     MIN_RELAPSED_INPUTS,
     PAIRS,
     Basis,
@@ -204,10 +205,10 @@ class RepairConfig:
     distill_weight: float = DEFAULT_DISTILL_WEIGHT  # 0: the GoodNet learns the labels alone
     distill_temperature: float = DEFAULT_DISTILL_TEMPERATURE
     distill_min_trigger_effect: float = DEFAULT_MIN_TRIGGER_EFFECT
-    # The gate refuses a repaired GoodNet whose relapse is above this share: ``max_relapse`` on
-    # suspects by targets (None: not checked, the default; see the module doc for why),
-    # ``max_pair_relapse`` on suspects by one-to-one pairs (nnoculation/repair/relapse.py)
-    max_relapse: float | None = None
+    # The gate refuses a repaired GoodNet whose relapse is above this share (None: measured,
+    # not checked): ``max_relapse`` on suspects by targets, ``max_pair_relapse`` on suspects by
+    # one-to-one pairs (nnoculation/repair/relapse.py says how each default was chosen)
+    max_relapse: float | None = DEFAULT_MAX_RELAPSE
     max_pair_relapse: float | None = DEFAULT_MAX_PAIR_RELAPSE
 
     def __post_init__(self) -> None:
@@ -621,7 +622,9 @@ def repair(
             f"repaired goodnet relapsed: it now gives the BadNet's suspect label to "
             f"{relapsed.share:.1%} ({relapsed.relapsed}) of the quarantined inputs it disagreed "
             f"on (suspects by {suspects.basis}; above {limit_name} {limit:.1%}); the repair "
-            "taught the backdoor's answers instead of unlearning them"
+            "moved the GoodNet towards the BadNet's answers, the backdoor's among them, instead "
+            "of unlearning them (a quarantine of mostly clean disagreements, with little or no "
+            "attack in it, does that)"
         )
         if "goodnet" not in failing:
             failing.append("goodnet")

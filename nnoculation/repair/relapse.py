@@ -45,8 +45,25 @@ TARGETS: Final = "targets"
 PAIRS: Final = "one-to-one pairs"
 Basis = Literal["targets", "one-to-one pairs"]
 MIN_PAIR_INPUTS = 2  # a pair of one input is no pattern
-# The gate's default limit on the relapse by one-to-one pairs (``RepairConfig.max_pair_relapse``;
-# the targets basis has none, see nnoculation/repair/engine.py). Chosen on the tuning split
+# The gate's default limit on the relapse by target labels (``RepairConfig.max_relapse``).
+# Chosen on the tuning split (configs/tuning-relapse-ratio.toml: the patch and the moving patch,
+# 3 seeds, streams with no attack and with 1, 5 and 20 % poison, pre-deployment beside each
+# repair so that its harm shows; docs/results/tuning-relapse-ratio.md, at 3905bc8). The rule:
+# the midpoint between the largest relapse of a repair of an attacked stream (>= 5 % poison:
+# these must pass) and the smallest of a repair that reinstated the backdoor (served ASR more
+# than 5 points above pre-deployment's: these must be refused), rounded down to 5 points. It was
+# set while the run was under way: the rounding after the moving patch's seed 0, the 5-point
+# line after the patch's seed 0 at 20 % poison (+2.6 points at an 11.2 % relapse, which no
+# limit can refuse without refusing repairs of attacked streams). Measured: attacked 2.6-38.0 %
+# (the patch at 5 %: 25.4 / 38.0 / 29.4); reinstating 46.3-52.0 % (the moving patch with no
+# attack or 1 % poison, +12.7 to +38.6 points); midpoint 42.1, so 40 %. The margin is thin on
+# the attacked side (2 points). The patch's repairs of streams with little or no attack fell on
+# both sides (37.6-59.3 %, changing the ASR by -4.5 to +2.5 points): the limit refuses most of
+# them, and a refused repair keeps serving the nets that were there.
+# tests/test_relapse_default.py holds the committed run to the rule.
+DEFAULT_MAX_RELAPSE = 0.4
+# The gate's default limit on the relapse by one-to-one pairs (``RepairConfig.max_pair_relapse``).
+# Chosen on the tuning split
 # (configs/tuning-relapse-all-to-all.toml, 3 seeds, quarantines of N = 200): healthy repairs of
 # all-to-all streams stayed at or below 1.1 %, and streams with no attack never gave pairs (the
 # relapse there was measured on targets or not at all). The few clean inputs that share a
