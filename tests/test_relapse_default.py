@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from nnoculation.bench.output import worst_asr
 from nnoculation.repair.relapse import DEFAULT_MAX_RELAPSE, TARGETS
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -24,21 +25,15 @@ HARM_POINTS = 5.0
 ATTACKED = 0.05
 
 
-def _worst(asr: float | list[float]) -> float:
-    return max(asr) if isinstance(asr, list) else asr
-
-
 def repairs(path: Path) -> list[dict[str, Any]]:
     """Every measured repair of a committed bench result: its variant's poison ratio, the
-    relapse and its basis, and the ASR after pre-deployment and after the repair (what the
-    repair would serve: a gated repair's own ASR is not measured, so harm is judged on repairs
-    that passed)."""
+    relapse and its basis, whether it passed the gate, and its harm: the served ASR's points
+    above the same seed's pre-deployment (worst trigger; a gated repair serves what was there,
+    so harm is judged on repairs that passed)."""
     data = json.loads(path.read_text())
     out = []
     for entry in data["entries"]:
-        pre = {
-            r["seed"]: _worst(r["asr"]) for r in entry["defenses"]["nnoculation-pre"]["per_seed"]
-        }
+        pre = {r["seed"]: worst_asr(r) for r in entry["defenses"]["nnoculation-pre"]["per_seed"]}
         for r in entry["defenses"]["nnoculation-post"]["per_seed"]:
             details = r["details"]
             out.append(
@@ -48,7 +43,7 @@ def repairs(path: Path) -> list[dict[str, Any]]:
                     "relapse": details.get("relapse"),
                     "basis": details.get("relapse_basis"),
                     "passed": details.get("passed_gate"),
-                    "harm": _worst(r["asr"]) - pre[r["seed"]],
+                    "harm": worst_asr(r) - pre[r["seed"]],
                 }
             )
     return out

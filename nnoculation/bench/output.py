@@ -221,7 +221,8 @@ def markdown(cfg: BenchConfig, entries: list[dict[str, Any]], commit: str) -> st
     )
 
 
-def _worst_asr(figures: dict[str, Any]) -> float:
+def worst_asr(figures: dict[str, Any]) -> float:
+    """A cell's ASR on its worst trigger (one figure, or one per trigger)."""
     asr = figures["asr"]
     return max(asr) if isinstance(asr, list) else float(asr)
 
@@ -248,11 +249,11 @@ def plot(cfg: BenchConfig, entries: list[dict[str, Any]], path: Path) -> Path:
     for ax, e in zip(axes, entries, strict=False):
         for name in cfg.defenses:
             d = e["defenses"][name]
-            x, y = _worst_asr(d["median"]), d["median"]["ca"]
+            x, y = worst_asr(d["median"]), d["median"]["ca"]
             ax.errorbar(
                 [x],
                 [y],
-                xerr=[[0], [_worst_asr(d["worst"]) - x]],
+                xerr=[[0], [worst_asr(d["worst"]) - x]],
                 yerr=[[y - d["worst"]["ca"]], [0]],
                 fmt="*" if d["pareto"] else "o",
                 markersize=12 if d["pareto"] else 6,
@@ -297,10 +298,10 @@ def plot_x(cfg: BenchConfig, entries: list[dict[str, Any]], path: Path) -> Path:
             med = [e["defenses"][name]["median"] for e in mine]
             worst = [e["defenses"][name]["worst"] for e in mine]
             ca = [m["ca"] for m in med]
-            asr = [_worst_asr(m) for m in med]
+            asr = [worst_asr(m) for m in med]
             style = {"color": colours[name], "marker": "o", "capsize": 2, "label": name}
             ca_low = [c - w["ca"] for c, w in zip(ca, worst, strict=True)]
-            asr_high = [_worst_asr(w) - a for a, w in zip(asr, worst, strict=True)]
+            asr_high = [worst_asr(w) - a for a, w in zip(asr, worst, strict=True)]
             ca_ax.errorbar(xs, ca, yerr=[ca_low, [0.0] * len(ca)], **style)
             asr_ax.errorbar(xs, asr, yerr=[[0.0] * len(asr), asr_high], **style)
         floors = [_worst_floor(e["floor"]["median"]) for e in mine]
